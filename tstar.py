@@ -1,0 +1,1631 @@
+"""tstar: a single-file reference implementation of T* (arXiv 2601.11214).
+
+T* in five sentences. A masked diffusion language model (MDM) decodes a block of B tokens at a time: the
+block starts fully masked and a few denoising steps fill it in, several tokens per forward pass, while
+attention stays causal across blocks so finished blocks can be cached. Larger blocks mean more tokens per
+forward (faster decoding), but a model trained at a small block size (SDAR, B=4) loses accuracy when
+asked to decode at B=32. T* fixes this with a curriculum: run TraceRL (trajectory-aware PPO, which trains
+on exactly the intermediate states the sampler visited) at B=4, then double the block size, 4 -> 8 -> 16
+-> 32, re-optimising the policy at every stage, with half of the batches using shifted block boundaries.
+The result decodes at B=32 with more tokens per forward and, on math, higher accuracy than the start.
+
+Two commands:
+    python tstar.py                                           # tiny model, toy task, CPU, a few minutes
+    python tstar.py --model JetLM/SDAR-1.7B-Chat --device cuda   # the paper's setting on a GPU
+
+Glossary (used in names and comments throughout):
+    B         block size: tokens decoded together; bidirectional attention inside a block, causal across.
+    K         denoising steps per block (the step budget; the threshold may finish a block sooner).
+    tau       confidence threshold of dynamic remasking.
+    offset    block boundaries fall at absolute positions offset + k*B (0 is SDAR's convention).
+    step map  for each response token, the denoising step (1, 2, ...) of its row at which it was finalized.
+    NFE       number of denoising forward passes (the extra pass that only caches a finished block's
+              keys and values is not counted).
+    TPF       tokens per forward = response tokens / NFE, over a batch as a ratio of sums. "Response
+              tokens" are the tokens up to and including the first stop token.
+    trace round  one training state rebuilt from the step map (section 7).
+
+Where this file departs from the papers (choices made where they are silent, or simplifications):
+    * The model is transformers' own Qwen3ForCausalLM with a 4D block mask; SDAR checkpoints load into it
+      unchanged (their weights are Qwen3's). No trust_remote_code, no flash-attn.
+    * The tiny model uses a character-level tokenizer and a toy task (section 3) instead of math, so that
+      the whole method runs on a laptop CPU. Its "AR-initialised small-block model" is a short
+      block-diffusion SFT at B=4 with SDAR's loss (section 6).
+    * Step quotas: a block with m masked positions and a budget of K steps uses min(K, m) steps, so every
+      step commits at least one token (SDAR would spend a forward that commits nothing when m < K).
+      The first block of a row (shared with the prompt's tail) and a block cut by the length limit
+      have fewer masked positions than B; their quotas are computed from that count.
+    * Confidence of a sampled candidate is its probability under the sampling distribution (after
+      temperature, top-k and top-p); greedy uses softmax(logits)[argmax]. The log-probability recorded
+      for training is that of the model's untempered distribution, which is what the trainer computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class UsageError(Exception):
+    """Bad input from the user: main() prints the message as one line and exits with code 2."""
+
+
+# ======================================================================================================
+# 1. Config
+# ======================================================================================================
+# One dataclass holds every setting; the command line is generated from it (each field's docstring is
+# its --help text). Defaults are the tiny CPU run. When --model is a real checkpoint, SDAR_PRESET
+# switches the defaults to the paper's setting; any flag given on the command line wins.
+
+
+@dataclass
+class Config:
+    # --- run ---
+    model: str = "tiny_config.json"
+    """a config JSON (random init of that architecture, e.g. tiny_config.json), a local checkpoint
+    directory, or a hub id such as JetLM/SDAR-1.7B-Chat"""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda if available, else cpu)"""
+    dtype: str = "auto"
+    """compute dtype: float32, bfloat16, or auto (bfloat16 on cuda, float32 on cpu)"""
+    seed: int = 0
+    """seed of the toy data, the initial weights, sampling and the curriculum"""
+    out_dir: str = "runs/tiny"
+    """where the warm start, stage checkpoints, metrics.jsonl, tables and plots go"""
+
+    # --- sampler (design.md section 3) ---
+    block_size: int = 4
+    """the base model's block size; the tiny model's warm start trains at it"""
+    steps_per_block: int | None = None
+    """K, denoising steps per block (default: K = B)"""
+    remasking: str = "dynamic"
+    """static: commit the step's quota by confidence; dynamic: also every token above tau"""
+    threshold: float = 0.9
+    """tau, the confidence threshold of dynamic remasking"""
+    temperature: float = 0.0
+    """evaluation sampling temperature (0 = greedy)"""
+    top_k: int = 0
+    """sample only among the k most likely tokens (0 = off)"""
+    top_p: float = 1.0
+    """nucleus sampling: smallest set of tokens with this much probability (1 = off)"""
+    max_new_tokens: int = 64
+    """length limit of a response; a response cut by it scores 0"""
+
+    # --- data ---
+    train_size: int = 20000
+    """problems in the toy task's train split"""
+    test_size: int = 256
+    """problems in the toy task's test split (disjoint from train)"""
+
+    # --- warm start (design.md section 4) ---
+    warm_start_steps: int = 600
+    """optimizer steps of the tiny model's block-diffusion SFT at --block-size"""
+    warm_start_batch: int = 32
+    """sequences per warm-start step"""
+    warm_start_lr: float = 3e-3
+    """peak learning rate of the warm start (linear warm-up, then cosine decay)"""
+
+    # --- evaluation ---
+    eval_only: bool = False
+    """only evaluate --model (the warm-started tiny model by default) and exit"""
+    eval_block_sizes: str = ""
+    """block sizes to evaluate at, comma-separated (default: those of --block-sizes)"""
+    eval_samples: int = 1
+    """samples per evaluation problem: accuracy is their mean, pass@k uses all k of them"""
+    eval_limit: int = 0
+    """evaluate only the first N problems of each evaluation set (0 = all)"""
+    eval_batch: int = 64
+    """rows per sampler batch during evaluation"""
+    show_trajectory: bool = False
+    """print the decoding order of a few evaluation samples after each evaluation"""
+
+    # --- T* curriculum and TraceRL (design.md sections 5-6) ---
+    block_sizes: str = "4,8,16,32"
+    """the curriculum: one RL stage per block size, in this (increasing) order"""
+    steps_per_stage: int = 30
+    """RL steps per stage"""
+    direct: bool = False
+    """baseline: as many stages and steps, all at the last block size (direct large-block TraceRL)"""
+    shift_fraction: float = 0.5
+    """fraction of the RL batches of a stage that use shifted block boundaries (offset B/2)"""
+    resume: bool = False
+    """continue from the last finished stage in --out-dir"""
+    prompts_per_step: int = 32
+    """prompts per RL step (over all processes)"""
+    group_size: int = 8
+    """G, samples per prompt"""
+    rollout_temperature: float = 1.0
+    """sampling temperature of the rollouts"""
+    lr: float = 3e-4
+    """learning rate of the policy (AdamW, no weight decay)"""
+    value_lr: float = 1e-3
+    """learning rate of the value head"""
+    clip_eps: float = 0.2
+    """PPO clip range of the policy ratio and of the value"""
+    beta: float = 0.01
+    """coefficient of the k3 KL penalty to the pre-update policy"""
+    gamma: float = 1.0
+    """discount over denoising steps"""
+    gae_lambda: float = 1.0
+    """lambda of GAE over denoising steps"""
+    shrink: int = 1
+    """merge runs of this many consecutive denoising steps of a block into one trace round"""
+    advantage: str = "gae"
+    """gae: TraceRL (z-scored reward, value head, GAE); group: CJ-GRPO (reward minus group mean, no value)"""
+    acc_band: str = "0,1"
+    """keep only prompts whose group accuracy lies in [low,high] (TraceRL: 0.2,0.8); groups that all agree
+    are always dropped"""
+    minibatches: int = 2
+    """optimizer steps per RL step, each on a shuffled share of the trace sequences"""
+    micro_batch: int = 64
+    """training sequences per forward pass (gradients are accumulated over micro-batches)"""
+    grad_clip: float = 1.0
+    """clip the policy's gradient norm to this"""
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass (saves memory; on by default for checkpoints)"""
+    train_dataset: str = "toy"
+    """training problems: toy, or (section 11) a dataset name or a local JSON/JSONL/Parquet file"""
+    eval_datasets: str = "toy"
+    """evaluation sets, comma-separated: toy, dataset names or local files"""
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The docstring under each dataclass field (Python keeps none at runtime, so read the source)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split())
+            for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs = _field_docs(Config)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=docs[f.name])
+        else:
+            kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"{docs[f.name]} (default: {f.default})")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, set[str]]:
+    """Config from the command line; also returns the names of the fields the user set explicitly."""
+    given = vars(build_parser().parse_args(argv))
+    return Config(**given), set(given)
+
+
+def parse_int_list(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise UsageError(f"{name} is empty")
+    return values
+
+
+def check_block_size(B: int, K: int | None, max_positions: int) -> None:
+    """The sampler's block settings must make sense for the model: one clear error if not."""
+    if B < 1:
+        raise UsageError(f"block size must be >= 1, got {B}")
+    if B > max_positions:
+        raise UsageError(f"block size {B} exceeds the model's {max_positions} positions")
+    if K is not None and not 1 <= K <= B:
+        raise UsageError(f"--steps-per-block must be between 1 and the block size {B}, got {K}")
+
+
+# ======================================================================================================
+# 2. Model and tokenizer
+# ======================================================================================================
+# Every model is transformers' own Qwen3ForCausalLM (design.md section 1). SDAR checkpoints are Qwen3
+# weights trained for block diffusion: their config says model_type "sdar" and points at remote code
+# (which needs flash-attn and an old transformers); we read the config as a dict, drop the keys that name
+# the remote classes, and build a Qwen3Config from the rest. The logits are identical to SDAR's own code.
+# There is no logit shift: the hidden state at position i predicts the token at position i.
+
+_DROP_KEYS = ("model_type", "auto_map", "architectures", "transformers_version", "torch_dtype", "dtype")
+
+
+def qwen3_config(config_dict: dict):
+    from transformers import Qwen3Config
+
+    kind = config_dict.get("model_type", "qwen3")
+    if kind not in ("qwen3", "sdar"):
+        raise UsageError(f"tstar runs Qwen3-architecture block-diffusion models (SDAR); got model_type {kind!r}")
+    kwargs = {k: v for k, v in config_dict.items() if k not in _DROP_KEYS}
+    if kwargs.get("rope_scaling") is None:
+        kwargs.pop("rope_scaling", None)       # SDAR writes null; transformers 5 warns about the key
+    return Qwen3Config(**kwargs)
+
+
+def char_tokenizer():
+    """The tiny model's tokenizer: one token per character, plus eos (= pad), mask and unk.
+
+    Built with the `tokenizers` library and wrapped in PreTrainedTokenizerFast, so it has the same
+    interface as a checkpoint's tokenizer (mask_token_id, eos_token_id, decode, save_pretrained)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|mask|>", "<|unk|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<|unk|>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")   # every character
+    backend.decoder = decoders.Fuse()                                                     # join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>", mask_token="<|mask|>", unk_token="<|unk|>")
+
+
+def is_architecture_file(model: str) -> bool:
+    return model.endswith(".json")
+
+
+def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a config JSON (random init + character tokenizer), a local checkpoint
+    directory, or a hub id. One path for all of them: the model is always Qwen3ForCausalLM with SDPA."""
+    import transformers
+    from transformers import AutoTokenizer, PretrainedConfig, Qwen3ForCausalLM
+
+    transformers.logging.set_verbosity_error()     # "model of type sdar ..." is expected, not news
+    transformers.utils.logging.disable_progress_bar()
+    if is_architecture_file(model):
+        path = Path(model)
+        if not path.is_file():
+            raise UsageError(f"no such config file: {model}")
+        try:
+            config = qwen3_config(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise UsageError(f"{model} is not a valid model config: {e}") from None
+        config._attn_implementation = "sdpa"
+        tokenizer = char_tokenizer()
+        if config.vocab_size < len(tokenizer):
+            raise UsageError(f"{model}: vocab_size {config.vocab_size} < {len(tokenizer)} tokens of the tokenizer")
+        net = Qwen3ForCausalLM(config).to(dtype)
+    else:
+        if Path(model).exists() and not (Path(model) / "config.json").is_file():
+            raise UsageError(f"{model} is not a checkpoint directory (no config.json in it)")
+        looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
+        if not Path(model).exists() and looks_local:
+            raise UsageError(f"no such model directory: {model}")
+        try:
+            config_dict, _ = PretrainedConfig.get_config_dict(model)
+        except OSError:
+            raise UsageError(f"cannot load {model!r}: not a local directory, and the hub could not be reached "
+                             f"or has no such model; download it and pass the local directory") from None
+        config = qwen3_config(config_dict)
+        net = Qwen3ForCausalLM.from_pretrained(model, config=config, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    if tokenizer.mask_token_id is None:
+        raise UsageError(f"the tokenizer of {model} has no mask token: it is not a masked diffusion model")
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"the tokenizer of {model} has no eos token")
+    return net.to(device), tokenizer
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """eos of the tokenizer plus every eos id of the generation config (SDAR: <|im_end|>, <|endoftext|>)."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(ids)
+
+
+def hidden_states(model, ids, pos, mask, cache=None):
+    """Final hidden states (batch, L, H) under an explicit 4D block mask. The LM head is applied by the
+    caller to just the positions it needs, which saves most of the vocabulary projection."""
+    out = model.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
+                      use_cache=cache is not None)
+    return out.last_hidden_state
+
+
+# ======================================================================================================
+# 3. Toy task and rewards
+# ======================================================================================================
+# The toy task must be verifiable, have responses of 20-60 tokens, and make large blocks genuinely hard
+# for a model trained at B=4. A problem is four groups of five characters:
+#     question "?604??764??593??242?="      one valid answer "62712852137869580103"
+# In each group of the answer, the first digit is free (any digit), the next three are the question's
+# digits passed through a fixed substitution (TOY_NEXT: 0->7, 1->4, ...), and the fifth is a check digit:
+# the substitution of the group's free digit. The reward is 1 if the answer follows every rule.
+# The translated digits can all be decoded in parallel. A check digit depends on a free choice made 4
+# tokens earlier: at B=4 that choice is always in an earlier, finished block, but at B >= 8 both can
+# sit masked in the same block, and committing the check first is a guess that fails 9 times in 10.
+# A B=4 model has never seen that situation, so at B=8..32 it fails often and at random (the free digit
+# is sampled), which gives RL a signal. Several valid answers per question also make the rollouts of a
+# group differ, as a language model's do.
+TOY_GROUPS = 4                           # groups of five digits in the answer
+TOY_NEXT = (7, 4, 0, 9, 1, 8, 2, 5, 3, 6)       # digit substitution
+
+
+def toy_problem(rng: random.Random) -> dict:
+    q, a = [], []
+    for _ in range(TOY_GROUPS):
+        free = rng.randrange(10)
+        digits = [rng.randrange(10) for _ in range(3)]
+        q.append("?" + "".join(map(str, digits)) + "?")
+        a.append(str(free) + "".join(str(TOY_NEXT[d]) for d in digits) + str(TOY_NEXT[free]))
+    return {"question": "".join(q) + "=", "answer": "".join(a)}
+
+
+def toy_reward(response: str, question: str) -> float:
+    """1.0 if the response follows every rule of the question (see above), else 0.0."""
+    q, r = question.rstrip("="), response.strip()
+    if len(r) != len(q) or not r.isdigit():
+        return 0.0
+    for k in range(0, len(q), 5):
+        g, x = q[k:k + 5], [int(c) for c in r[k:k + 5]]
+        if any(x[j] != TOY_NEXT[int(g[j])] for j in (1, 2, 3)) or x[4] != TOY_NEXT[x[0]]:
+            return 0.0
+    return 1.0
+
+
+def toy_splits(train_size: int, test_size: int, seed: int):
+    """datasets.DatasetDict with disjoint train and test splits of toy problems."""
+    from datasets import Dataset, DatasetDict
+
+    rng = random.Random(seed)
+    test, seen = [], set()
+    while len(test) < test_size:
+        p = toy_problem(rng)
+        if p["question"] not in seen:
+            seen.add(p["question"])
+            test.append(p)
+    train = []
+    while len(train) < train_size:
+        p = toy_problem(rng)
+        if p["question"] not in seen:          # repeats inside train are fine; overlap with test is not
+            train.append(p)
+    return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
+
+
+# ======================================================================================================
+# 4. Block attention
+# ======================================================================================================
+# Blocks are cut at absolute positions offset + k*B (design.md section 2). With offset > 0 the first
+# block [0, offset) is shorter. Block index of position p:  b(p) = floor((p - offset) / B).
+#
+# One mask builder serves the sampler, the warm start and the trainer. Every token is either clean (a
+# finalized token) or noisy (a token of the block being denoised, some of them masks). Rules:
+#     clean query i may see clean key j  iff  b(j) <= b(i)                 (block-causal)
+#     noisy query i may see clean key j  iff  b(j) <  b(i)                 (finished blocks before it)
+#                       and noisy key j  iff  b(j) == b(i)                 (its own block, bidirectional)
+# Padding keys are never seen; a padding query sees only itself (a query that may see nothing is a NaN
+# source on some attention kernels). The sampler's current block is the noisy part and its KV cache the
+# clean part; training sequences are [clean sequence | noisy copy of the response blocks].
+
+
+def block_index(pos, block_size: int, offset: int = 0):
+    """b(p) = floor((p - offset) / B); works on ints and on integer tensors."""
+    return (pos - offset) // block_size
+
+
+def block_start(p: int, block_size: int, offset: int = 0) -> int:
+    """First position of the block that holds position p (0 for the short first block when offset > 0)."""
+    return max(0, offset + block_index(p, block_size, offset) * block_size)
+
+
+def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: int, offset: int = 0):
+    """Boolean attention mask (batch, 1, Lq, Lk), True = may attend.
+
+    q_pos, q_noisy: (batch, Lq) positions and noisy flags of the queries, which are the last Lq keys.
+    k_pos, k_noisy, k_valid: (batch, Lk) positions, noisy flags and real-token flags of the keys."""
+    bq = block_index(q_pos, block_size, offset)[:, :, None]                 # (batch, Lq, 1)
+    bk = block_index(k_pos, block_size, offset)[:, None, :]                 # (batch, 1, Lk)
+    kn = k_noisy[:, None, :]                                                # (batch, 1, Lk)
+    sees_clean_query = ~kn & (bk <= bq)
+    sees_noisy_query = (~kn & (bk < bq)) | (kn & (bk == bq))
+    allow = torch.where(q_noisy[:, :, None], sees_noisy_query, sees_clean_query) & k_valid[:, None, :]
+    Lq, Lk = q_pos.shape[1], k_pos.shape[1]
+    arange = torch.arange(Lk, device=allow.device)
+    itself = arange[None, :] == arange[Lk - Lq:, None]                      # (Lq, Lk) query i is key Lk-Lq+i
+    q_pad = ~k_valid[:, Lk - Lq:, None]                                     # (batch, Lq, 1)
+    return (allow | (q_pad & itself))[:, None]                              # (batch, 1, Lq, Lk)
+
+
+# ======================================================================================================
+# 5. Sampler
+# ======================================================================================================
+# Blockwise masked-diffusion decoding, the protocol of SDAR's generate.py (design.md section 3):
+#   * Blocks are aligned at absolute position `offset` (prompt included). The prompt's whole blocks are
+#     prefilled once into the KV cache; the prompt's tail shares the first decoded block with masks.
+#   * Each block starts fully masked and gets up to K steps. Each step is one forward of the block
+#     (queries = block, keys = cache + block; nothing is stored), a candidate token and a confidence for
+#     every masked position, and a commit of some positions:
+#         static   the step's quota n_s of most confident positions,
+#         dynamic  every position with confidence > tau, or the n_s most confident if fewer pass,
+#         ass      (section 12) 2^s positions at step s, the rest at the last step.
+#   * When the block is full, one more forward stores its keys and values (not counted in NFE).
+#   * A row stops after the block in which it produced a stop id, or at the length limit.
+#
+# Rows of different prompt lengths share a batch by left padding: row i is shifted right by pad_i so
+# that every row's first decoded block starts at the same padded index D, which keeps all block
+# boundaries aligned across rows. A row that has stopped is dropped from the batch with its cache rows.
+# All per-token decisions are tensor ops over (rows, B); Python loops run over blocks and steps only.
+
+
+@dataclass
+class Generation:
+    """One sampled response. `ids` is the whole decoded trajectory: every response position the sampler
+    filled, through the end of the last decoded block (after a stop token the block was still filled)."""
+    ids: list[int]
+    step_map: list[int]      # per token of ids: the row's denoising step (1..nfe) that finalized it
+    logprobs: list[float]    # per token of ids: log-prob the sampler's model gave it at that step
+    nfe: int                 # denoising forwards this row took part in
+    n_tokens: int            # response length through the first stop token (or len(ids) if none)
+    stopped: bool            # a stop token appeared (False: cut by the length limit)
+    prompt_len: int
+    offset: int
+
+
+def step_quotas(m: torch.Tensor, K: int, remasking: str) -> torch.Tensor:
+    """Tokens to commit at each step of a block with m masked positions: (rows,) -> (rows, steps).
+
+    static/dynamic: m split over K' = min(K, m) steps, m // K' each and the remainder one each over the
+    first steps (every step commits at least one token).  ass: 1, 2, 4, ... and the remainder at the last
+    of ceil(log2 m) steps (B=8: 1, 2, 5)."""
+    m = m.long()
+    if remasking == "ass":
+        n_steps = torch.ceil(torch.log2(m.clamp(min=1).double())).long().clamp(min=1)   # (rows,)
+        s = torch.arange(int(n_steps.max()), device=m.device)[None, :]                  # (1, steps)
+        doubling = 2 ** s
+        last = m[:, None] - (2 ** (n_steps[:, None] - 1) - 1)                           # remainder
+        quota = torch.where(s < n_steps[:, None] - 1, doubling, last)
+        return torch.where(s < n_steps[:, None], quota, 0)
+    n_steps = m.clamp(min=1, max=K)                                                      # (rows,)
+    s = torch.arange(K, device=m.device)[None, :]                                        # (1, K)
+    quota = (m // n_steps)[:, None] + (s < (m % n_steps)[:, None]).long()
+    return torch.where(s < n_steps[:, None], quota, 0)
+
+
+def propose(logits, temperature: float, top_k: int, top_p: float, generator=None, mask_id: int | None = None):
+    """A candidate token, its confidence and its log-prob for each masked position.
+
+    logits: (M, V). Greedy (temperature 0): candidate = argmax, confidence = softmax(logits)[argmax].
+    Otherwise the candidate is sampled from softmax(logits / T) restricted by top-k / top-p, and the
+    confidence is its probability under that distribution. The mask token is never a candidate. The
+    log-prob is under the model's own full distribution: the quantity the trainer recomputes."""
+    logits = logits.float()
+    logp_model = logits.log_softmax(-1)                                       # (M, V)
+    if mask_id is not None:
+        logits = logits.index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    logp = logits.log_softmax(-1)
+    if temperature == 0:
+        cand = logits.argmax(-1)                                              # (M,)
+        conf = logp.gather(1, cand[:, None]).squeeze(1).exp()
+    else:
+        z = logits / temperature
+        if top_k > 0:
+            kth = z.topk(min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
+            z = z.masked_fill(z < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_z, order = z.sort(dim=-1, descending=True)
+            p_sorted = sorted_z.softmax(-1)
+            drop = p_sorted.cumsum(-1) - p_sorted > top_p                     # mass before it already > p
+            z = z.scatter(1, order, sorted_z.masked_fill(drop, float("-inf")))
+        probs = z.softmax(-1)
+        cand = torch.multinomial(probs, 1, generator=generator).squeeze(1)     # (M,)
+        conf = probs.gather(1, cand[:, None]).squeeze(1)
+    return cand, conf, logp_model.gather(1, cand[:, None]).squeeze(1)
+
+
+def descending_rank(score):
+    """rank[i, j] = place of score[i, j] in its row sorted high to low (0 = highest); stable on ties."""
+    order = score.sort(dim=1, descending=True, stable=True).indices
+    arange = torch.arange(score.shape[1], device=score.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, arange)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids: Sequence[int] = (),
+             block_size: int = 4, steps: int | None = None, remasking: str = "dynamic", threshold: float = 0.9,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64,
+             offset: int = 0, eoser: tuple[float, float] | None = None, generator=None,
+             kv_cache: bool = True) -> list[Generation]:
+    """Decode a response for every prompt (lists of token ids); one Generation per prompt, in order.
+
+    block_size B, steps K (default B), remasking static/dynamic/ass, threshold tau, offset of the block
+    boundaries (0 <= offset < B), eoser = (gamma_min, gamma_max) to scale stop-token confidences
+    (section 12), kv_cache=False recomputes the whole sequence at every step (for checks and benchmarks)."""
+    B, K = block_size, steps or block_size
+    if not 0 <= offset < B:
+        raise UsageError(f"offset must be in [0, {B}), got {offset}")
+    if remasking not in ("static", "dynamic", "ass"):
+        raise UsageError(f"unknown remasking {remasking!r}")
+    limit = model.config.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > limit:
+        raise UsageError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the "
+                         f"model's {limit} positions")
+    was_training = model.training
+    model.eval()                       # (training mode with gradient checkpointing would disable the cache)
+    dev = next(model.parameters()).device
+    N = len(prompts)
+
+    # --- padded frame: row i's position p sits at padded index pad_i + p ---
+    P = torch.tensor([len(p) for p in prompts], device=dev)                  # (N,)
+    first = offset + block_index(P, B, offset) * B     # start of the block holding P; < 0 is a virtual
+    D = max(int(first.max()), 0)                       # block reaching before 0 (only when offset > 0)
+    pad = D - first                                                           # (N,)
+    end = pad + P + max_new_tokens                                            # (N,) just past the response
+    L = D + B * math.ceil((int(end.max()) - D) / B)
+    idx = torch.arange(L, device=dev)
+    pos = idx[None, :] - pad[:, None]                                         # (N, L) row positions
+    valid = (pos >= 0) & (idx[None, :] < end[:, None])                        # (N, L) real tokens
+    is_resp = valid & (pos >= P[:, None])                                     # (N, L) response slots
+    pos = pos.clamp(min=0)
+    x = torch.full((N, L), stop_ids[0] if stop_ids else mask_id, dtype=torch.long, device=dev)
+    for i, p in enumerate(prompts):                                           # one copy per row
+        x[i, pad[i]: pad[i] + len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
+    noisy = torch.zeros(N, L, dtype=torch.bool, device=dev)
+    step_map = torch.zeros(N, L, dtype=torch.long, device=dev)
+    logp_map = torch.zeros(N, L, device=dev)
+    nfe = torch.zeros(N, dtype=torch.long, device=dev)
+    rows = torch.arange(N, device=dev)             # original index of each live row
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+    results: list[Generation | None] = [None] * N
+
+    def forward(xb, c, is_noisy):
+        """Hidden states (n, B, H) of the block at padded index c, as noisy (a step) or clean (store)."""
+        noisy[:, c: c + B] = is_noisy
+        q = slice(c, c + B)
+        if kv_cache:
+            k = slice(0, c + B)
+            mask = block_attention_mask(pos[:, q], noisy[:, q], pos[:, k], noisy[:, k], valid[:, k], B, offset)
+            h = hidden_states(model, xb, pos[:, q], mask, cache)
+            if is_noisy:
+                cache.crop(-B)         # a denoising step must not leave its keys/values in the cache
+            return h
+        k = slice(0, c + B)           # no cache: the whole prefix again, then keep the block's states
+        mask = block_attention_mask(pos[:, k], noisy[:, k], pos[:, k], noisy[:, k], valid[:, k], B, offset)
+        return hidden_states(model, torch.cat([x[:, :c], xb], 1), pos[:, k], mask)[:, c:]
+
+    cache = None
+    if kv_cache:
+        from transformers import DynamicCache
+        cache = DynamicCache(config=model.config)
+        if D > 0:                                   # prefill the prompts' whole blocks
+            mask = block_attention_mask(pos[:, :D], noisy[:, :D], pos[:, :D], noisy[:, :D], valid[:, :D], B, offset)
+            hidden_states(model, x[:, :D], pos[:, :D], mask, cache)
+
+    for c in range(D, L, B):
+        masked = is_resp[:, c: c + B].clone()                                 # (n, B) still to decode
+        xb = torch.where(masked, mask_id, x[:, c: c + B])                     # (n, B)
+        quotas = step_quotas(masked.sum(1), K, remasking)                     # (n, steps)
+        n_steps = (quotas > 0).sum(1)                                         # (n,) steps this block plans
+        for s in range(quotas.shape[1]):
+            live = masked.any(1)                                              # (n,)
+            if not live.any():
+                break
+            h = forward(xb, c, True)                                          # (n, B, H)
+            nfe += live
+            cand, conf, logp = propose(model.lm_head(h[masked]), temperature, top_k, top_p, generator, mask_id)
+            if eoser is not None:      # EOSER: stop-token confidence x gamma_s, rising to gamma_max
+                g_min, g_max = eoser
+                frac = s / (n_steps - 1).clamp(min=1)                         # (n,)
+                gamma = torch.where(n_steps > 1, g_min + (g_max - g_min) * frac, g_max)
+                row_of = masked.nonzero()[:, 0]
+                conf = torch.where(torch.isin(cand, stops), conf * gamma[row_of], conf)
+            score = torch.full(masked.shape, float("-inf"), device=dev)
+            score[masked] = conf                                              # (n, B)
+            n_commit = quotas[:, s]
+            if remasking == "dynamic":
+                n_commit = torch.maximum(n_commit, (score > threshold).sum(1))
+            n_commit = torch.minimum(n_commit, masked.sum(1))
+            commit = masked & (descending_rank(score) < n_commit[:, None])    # (n, B)
+            tok = torch.zeros_like(xb)
+            tok[masked] = cand
+            lp = torch.zeros(masked.shape, device=dev)
+            lp[masked] = logp
+            xb = torch.where(commit, tok, xb)
+            step_map[:, c: c + B] = torch.where(commit, nfe[:, None], step_map[:, c: c + B])
+            logp_map[:, c: c + B] = torch.where(commit, lp, logp_map[:, c: c + B])
+            masked &= ~commit
+        x[:, c: c + B] = xb
+        if kv_cache:
+            forward(xb, c, False)                   # store the finished block's keys and values
+        noisy[:, c: c + B] = False
+
+        stopped = (torch.isin(xb, stops) & is_resp[:, c: c + B]).any(1)      # (n,)
+        done = stopped | (end <= c + B)
+        for i in done.nonzero()[:, 0].tolist():
+            r = is_resp[i, : c + B]
+            ids = x[i, : c + B][r]
+            hit = torch.isin(ids, stops).nonzero()
+            results[int(rows[i])] = Generation(
+                ids=ids.tolist(), step_map=step_map[i, : c + B][r].tolist(),
+                logprobs=logp_map[i, : c + B][r].tolist(), nfe=int(nfe[i]),
+                n_tokens=int(hit[0]) + 1 if len(hit) else len(ids), stopped=bool(stopped[i]),
+                prompt_len=len(prompts[int(rows[i])]), offset=offset)
+        if done.all():
+            break
+        if done.any():                              # drop finished rows, and their cache rows
+            keep = (~done).nonzero()[:, 0]
+            x, pos, valid, is_resp, noisy = x[keep], pos[keep], valid[keep], is_resp[keep], noisy[keep]
+            step_map, logp_map, nfe, rows, end = step_map[keep], logp_map[keep], nfe[keep], rows[keep], end[keep]
+            if kv_cache:
+                cache.batch_select_indices(keep)
+    model.train(was_training)
+    return results
+
+
+def response_text(tokenizer, g: Generation) -> str:
+    """The response as text: tokens through the first stop, special tokens removed."""
+    return tokenizer.decode(g.ids[: g.n_tokens], skip_special_tokens=True)
+
+
+# ======================================================================================================
+# 6. Warm start: block-diffusion SFT (SDAR's loss, design.md section 4)
+# ======================================================================================================
+# Training sequences use one layout for the warm start and for TraceRL (section 8):
+#     [ prompt | clean response | noisy copy of the response's blocks ]
+# with positions repeated for the noisy copy. The noisy copy starts at the first position of the block
+# holding the first response token, so it carries the prompt's tail unmasked, exactly as the sampler's
+# first block does. Under block_attention_mask a noisy block sees the clean blocks before it and itself,
+# which is what the sampler's forward saw: the trainer reproduces the sampler's logits.
+
+
+def diffusion_layout(prompt, response, masked, block_size: int, offset: int, mask_id: int):
+    """R training sequences of one sample, one per noisy version of its response.
+
+    prompt (P,), response (L,) long; masked (R, L) bool, True where the noisy copy shows a mask.
+    Returns ids, pos, noisy (R, T) and col (L,), the column of response token i's noisy copy."""
+    P, L, R = len(prompt), len(response), masked.shape[0]
+    b0 = block_start(P, block_size, offset)
+    clean = torch.cat([prompt, response, prompt[b0:]])                           # (P + L + P - b0,)
+    ids = torch.cat([clean.expand(R, -1), torch.where(masked, mask_id, response)], 1)   # (R, T)
+    pos = torch.cat([torch.arange(P + L), torch.arange(b0, P + L)]).to(prompt.device)
+    noisy = torch.arange(len(pos), device=prompt.device) >= P + L
+    col = P + L + (P - b0) + torch.arange(L, device=prompt.device)
+    return ids, pos.expand(R, -1), noisy.expand(R, -1), col
+
+
+def pad_rows(ids, pos, noisy, pad_id: int):
+    """Right-pad lists of 1-D row tensors into (n, T) tensors plus the real-token mask."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    valid = pad_sequence([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in ids], batch_first=True)
+    return (pad_sequence(list(ids), batch_first=True, padding_value=pad_id),
+            pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
+
+
+def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_size: int, offset: int,
+                    value_head=None):
+    """log p(label) at (rows, cols) of a padded batch of training sequences, and optionally the value
+    head's estimate there. ids/pos/noisy/valid: (n, T); rows, cols, labels: (M,). Returns (M,), (M,)."""
+    mask = block_attention_mask(pos, noisy, pos, noisy, valid, block_size, offset)    # (n, 1, T, T)
+    h = hidden_states(model, ids, pos, mask)[rows, cols]                                # (M, H)
+    logp = -F.cross_entropy(model.lm_head(h).float(), labels, reduction="none")        # (M,)
+    values = value_head(h.detach().float()).squeeze(-1) if value_head is not None else None
+    return logp, values
+
+
+def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: int, pad_id: int,
+                         generator=None, eps: float = 1e-3):
+    """SDAR's loss on a batch of (prompt, response) id tensors, blocks at offset 0.
+
+    Each response is padded with eos to the end of its last block (the pads are targets: the model learns
+    to finish a block with eos). Per sample t ~ U(0,1), p = (1 - eps) t + eps; every response token is
+    masked with probability p (at least one). Loss = sum over masked tokens of CE / p, divided by the
+    number of response tokens in the batch."""
+    dev = prompts[0].device
+    rows, pieces, weights, total = [], [], [], 0
+    for j, (prompt, response) in enumerate(zip(prompts, responses)):
+        P = len(prompt)
+        padded_len = block_size * math.ceil((P + len(response)) / block_size) - P
+        response = torch.cat([response, response.new_full((padded_len - len(response),), pad_id)])
+        p = (1 - eps) * torch.rand((), generator=generator) + eps
+        u = torch.rand(padded_len, generator=generator)
+        masked = ((u < p) | (u == u.min())).to(dev)                                   # (L,)
+        ids, pos, noisy, col = diffusion_layout(prompt, response, masked[None], block_size, 0, mask_id)
+        pieces.append((ids[0], pos[0], noisy[0], col[masked], response[masked]))
+        weights.append(torch.full((int(masked.sum()),), 1.0 / float(p)))
+        rows.append(torch.full((int(masked.sum()),), j))
+        total += padded_len
+    ids, pos, noisy, valid = pad_rows(*zip(*[(a, b, c) for a, b, c, _, _ in pieces]), pad_id=pad_id)
+    logp, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev),
+                              torch.cat([p[3] for p in pieces]), torch.cat([p[4] for p in pieces]),
+                              block_size, 0)
+    return -(logp * torch.cat(weights).to(dev)).sum() / total
+
+
+def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
+    """Block-diffusion SFT of a freshly initialised model on the toy train split, at cfg.block_size.
+    Stands in for SDAR's "AR-initialised small-block model". Returns the loss of every step."""
+    prompts = [torch.tensor(tokenizer.encode(q), device=device) for q in problems["question"]]
+    answers = [torch.tensor(tokenizer.encode(a) + [tokenizer.eos_token_id], device=device)
+               for a in problems["answer"]]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup = max(1, cfg.warm_start_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.warm_start_steps)))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.warm_start_steps), desc=f"warm start (B={cfg.block_size})", disable=not is_main(), mininterval=10)
+    for _ in bar:
+        pick = torch.randint(len(prompts), (cfg.warm_start_batch,), generator=gen).tolist()
+        loss = block_diffusion_loss(model, [prompts[i] for i in pick], [answers[i] for i in pick],
+                                    cfg.block_size, tokenizer.mask_token_id, tokenizer.eos_token_id, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
+    return losses
+
+
+def is_main() -> bool:
+    """Only rank 0 prints progress, writes logs and saves checkpoints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+# ======================================================================================================
+# 7. Trace rounds (TraceRL, design.md section 5)
+# ======================================================================================================
+# The rollout recorded, for every response token, the step at which it was finalized. Training rebuilds
+# the states the sampler actually visited. Inside each block, sort the block's distinct step ids; round r
+# takes the r-th of them in every block at once:
+#     targets  the tokens finalized at that step,
+#     masked   every token of the block finalized at that step or later (earlier ones stay visible).
+# Blocks that have run out of steps are fully visible in later rounds. Example, B=4 (P target, M masked,
+# . visible), step map [1,1,2,1 | 3,5,4,6 | 7,7,7,7]:
+#     round 1  PPMP PMMM PPPP     round 2  ..P. .MPM ....     round 3  .... .P.M ....     round 4  .... ...P ....
+# shrink s merges each run of s consecutive distinct steps of a block into one round: its targets are
+# predicted together from the state before the run (s = 1 reproduces the trajectory exactly).
+
+
+def trace_rounds(step_map: Sequence[int], block_size: int, offset: int = 0, prompt_len: int = 0,
+                 shrink: int = 1):
+    """Step map of one response -> (targets, masked), two (rounds, L) bool tensors (see above)."""
+    s = torch.as_tensor(step_map, dtype=torch.long)                                    # (L,)
+    blocks = block_index(prompt_len + torch.arange(len(s)), block_size, offset)        # (L,)
+    blocks = blocks - blocks.min()
+    key = blocks * (int(s.max()) + 1) + s                   # sorts by block, then by step
+    unique_keys, inverse = torch.unique(key, return_inverse=True)                      # sorted
+    _, per_block = torch.unique_consecutive(unique_keys // (int(s.max()) + 1), return_counts=True)
+    first_of_block = torch.repeat_interleave(torch.cumsum(per_block, 0) - per_block, per_block)
+    rank = (torch.arange(len(unique_keys)) - first_of_block)[inverse]   # (L,) step's rank in its block
+    group = rank // shrink                                                             # (L,)
+    rounds = torch.arange(int(group.max()) + 1)[:, None]                               # (R, 1)
+    return group[None, :] == rounds, group[None, :] >= rounds
+
+
+@dataclass
+class TraceBatch:
+    """Training sequences of a rollout batch, one per (sample, round), and their targets.
+
+    Target arrays are flat over the whole batch and ordered by sequence: the targets of sequence k are
+    ptr[k]:ptr[k+1]."""
+    ids: list                    # per sequence: (T,) tokens of [prompt | clean response | noisy copy]
+    pos: list                    # per sequence: (T,) positions
+    noisy: list                  # per sequence: (T,) noisy flags
+    ptr: torch.Tensor            # (n_seq + 1,)
+    col: torch.Tensor            # (M,) column of the target in its sequence
+    label: torch.Tensor          # (M,) target token
+    sample: torch.Tensor         # (M,) which rollout sample
+    token: torch.Tensor          # (M,) index of the token in its response
+    round: torch.Tensor          # (M,) trace round (0-based)
+    sampler_logp: torch.Tensor   # (M,) log-prob the sampler saw
+
+
+def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int], block_size: int, offset: int,
+                      shrink: int, mask_id: int) -> TraceBatch:
+    """Trace rounds of the chosen samples laid out for training. The layout uses the rollout's own offset,
+    so every noisy block sees exactly what the sampler saw when it committed the targets."""
+    ids, pos, noisy, cols, labels, sample, token, rnd, lps, counts = [], [], [], [], [], [], [], [], [], []
+    for j in samples:
+        g = gens[j]
+        response = torch.tensor(g.ids)
+        targets, masked = trace_rounds(g.step_map, block_size, offset, g.prompt_len, shrink)    # (R, L)
+        r_ids, r_pos, r_noisy, col = diffusion_layout(torch.tensor(prompts[j]), response, masked,
+                                                      block_size, offset, mask_id)
+        ids += list(r_ids)
+        pos += list(r_pos)
+        noisy += list(r_noisy)
+        r, i = targets.nonzero(as_tuple=True)                                                  # row-major
+        counts.append(targets.sum(1))
+        cols.append(col[i])
+        labels.append(response[i])
+        sample.append(torch.full_like(i, j))
+        token.append(i)
+        rnd.append(r)
+        lps.append(torch.tensor(g.logprobs)[i])
+    counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+    cat = lambda xs, dtype=torch.long: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
+    return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
+                      cat(cols), cat(labels), cat(sample), cat(token), cat(rnd), cat(lps, torch.float))
+
+
+def score_sequences(model, value_head, tb: TraceBatch, seqs: Sequence[int], micro_batch: int, block_size: int,
+                    offset: int, pad_id: int):
+    """Forward the chosen training sequences in micro-batches. Yields (targets, logp, values) per
+    micro-batch: the indices of its targets in tb's flat arrays and their log-probs and values (M_mb,)."""
+    dev = next(model.parameters()).device
+    for start in range(0, len(seqs), micro_batch):
+        chunk = seqs[start: start + micro_batch]
+        counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
+        tgt = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in chunk])
+        ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
+                                          [tb.noisy[k] for k in chunk], pad_id)
+        rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)
+        logp, values = forward_targets(model, ids.to(dev), pos.to(dev), noisy.to(dev), valid.to(dev),
+                                       rows.to(dev), tb.col[tgt].to(dev), tb.label[tgt].to(dev),
+                                       block_size, offset, value_head)
+        yield tgt, logp, values
+
+
+# ======================================================================================================
+# 8. TraceRL loss, value head and GAE (design.md section 5)
+# ======================================================================================================
+# Rewards to advantages. Each prompt has G samples with 0/1 rewards r. Prompts whose samples all agree
+# (reward variance 0) carry no signal and are dropped, as are prompts whose accuracy lies outside
+# --acc-band (TraceRL keeps [0.2, 0.8]). Per kept group:
+#     gae    (TraceRL)   z = (r - mean) / std, placed on the tokens of the last denoising step, then GAE
+#     group  (CJ-GRPO)   A = r - mean on every token, no value head
+#
+# The value head is a linear layer on the policy's final hidden states, read at the same noisy positions
+# as the targets. Its input is detached: value gradients do not reach the trunk. TraceRL trains a
+# separate value model; sharing the trunk would let a fresh, noisy value loss move the policy's weights
+# at a learning rate chosen for the policy, so we keep them apart and give the head its own (larger)
+# learning rate. The price: the value is a linear probe of features learned for the policy.
+#
+# GAE over denoising steps. For one sample, t runs over its distinct steps in chronological order (all
+# blocks together). With per-step means r*_t and V*_t of the token rewards and values finalized at t,
+#     delta_t = r*_t - V*_t + gamma V*_{t+1}           A*_t = delta_t + gamma lambda A*_{t+1}
+#     A_i = r_i - V_i + gamma V*_{t+1} + gamma lambda A*_{t+1}        R_i = r_i + gamma R*_{t+1}
+# for token i finalized at t (the values after the last step are 0). With gamma = lambda = 1 this is
+# A_i = R - V_i: the outcome minus the token's own value.
+#
+# Policy loss per target token (PPO clip, k3 KL to the pre-update policy):
+#     rho = exp(logp - logp_old)      L_i = -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta (e^d - 1 - d),
+#     d = logp_old - logp.
+# Normalisation: TraceRL (gae) averages over all target tokens of the minibatch (not a padded length);
+# CJ-GRPO (group) averages within each trace round, then over the rounds of a sample, then over samples.
+# Value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2), averaged over tokens.
+
+
+def group_advantages(rewards: torch.Tensor, mode: str = "gae", band: tuple[float, float] = (0.0, 1.0)):
+    """rewards (prompts, G) -> (advantages, keep), both (prompts, G). Dropped groups get advantage 0."""
+    mean = rewards.mean(1, keepdim=True)
+    std = rewards.std(1, unbiased=False, keepdim=True)
+    keep = (std > 0) & (mean >= band[0]) & (mean <= band[1])
+    adv = (rewards - mean) / std.clamp(min=1e-8) if mode == "gae" else rewards - mean
+    keep = keep.expand_as(rewards)
+    return torch.where(keep, adv, 0.0), keep
+
+
+def gae_over_steps(rewards, values, step_map, gamma: float = 1.0, lam: float = 1.0):
+    """Per-token advantages and returns by GAE over denoising steps (equations above).
+
+    rewards, values: (N, L) float; step_map: (N, L) long, the step of each token, 0 for padding. 1-D
+    inputs are one sample. Returns (advantages, returns) shaped like rewards (0 at padding)."""
+    one = rewards.dim() == 1
+    if one:
+        rewards, values, step_map = rewards[None], values[None], step_map[None]
+    N, T = rewards.shape[0], int(step_map.max())
+    zeros = torch.zeros(N, T + 1, dtype=rewards.dtype, device=rewards.device)
+    count = zeros.scatter_add(1, step_map, torch.ones_like(rewards))                 # (N, T+1); slot 0 = padding
+    r_star = zeros.scatter_add(1, step_map, rewards) / count.clamp(min=1)            # per-step means
+    v_star = zeros.scatter_add(1, step_map, values) / count.clamp(min=1)
+    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    next_v, next_a, next_r = (torch.zeros(N, 1, dtype=rewards.dtype, device=rewards.device) for _ in range(3))
+    for t in range(T, 0, -1):                       # backwards over steps; the same for every sample
+        at = step_map == t                                                           # (N, L)
+        adv = torch.where(at, rewards - values + gamma * next_v + gamma * lam * next_a, adv)
+        ret = torch.where(at, rewards + gamma * next_r, ret)
+        has = count[:, t: t + 1] > 0                # a sample whose step t exists moves its "next"
+        a_t = r_star[:, t: t + 1] - v_star[:, t: t + 1] + gamma * next_v + gamma * lam * next_a
+        next_r = torch.where(has, r_star[:, t: t + 1] + gamma * next_r, next_r)
+        next_a = torch.where(has, a_t, next_a)
+        next_v = torch.where(has, v_star[:, t: t + 1], next_v)
+    return (adv[0], ret[0]) if one else (adv, ret)
+
+
+def ppo_token_loss(logp, logp_old, adv, clip_eps: float, beta: float):
+    """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,)."""
+    ratio = torch.exp(logp - logp_old)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    d = logp_old - logp
+    kl = torch.exp(d) - 1 - d
+    return -surrogate + beta * kl, ratio, kl
+
+
+def clipped_value_loss(values, values_old, returns, clip_eps: float):
+    """Per-token PPO value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)."""
+    clipped = values_old + (values - values_old).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
+    """Weight of each target in the policy loss, summing to 1 over the batch (section 8 header)."""
+    M = len(tb.label)
+    if mode == "gae":
+        return torch.full((M,), 1.0 / max(M, 1))
+    # group: 1 / (tokens in its round) / (rounds of its sample) / (samples)
+    key = tb.sample * (int(tb.round.max()) + 1 if M else 1) + tb.round
+    _, inv, per_round = torch.unique(key, return_inverse=True, return_counts=True)
+    _, s_inv = torch.unique(tb.sample, return_inverse=True)
+    rounds_per_sample = torch.zeros(int(s_inv.max()) + 1 if M else 0).scatter_reduce(
+        0, s_inv, tb.round.float() + 1, reduce="amax")
+    n_samples = len(rounds_per_sample)
+    return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv] * max(n_samples, 1))
+
+
+# ======================================================================================================
+# 9. Curriculum, shifted boundaries and the RL step (T*, design.md section 6)
+# ======================================================================================================
+# T* runs TraceRL at B, then doubles B (4 -> 8 -> 16 -> 32); each stage starts from the previous stage's
+# weights and value head, with a fresh optimizer. Inside a stage a fraction of the RL batches (default
+# half) use shifted block boundaries, offset = B/2, for the rollout and for the training layout alike,
+# so the trajectory stays consistent; the other batches use offset 0. Evaluation always uses offset 0.
+# The shifted batches are spread evenly over the stage: batch k is shifted iff floor((k+1) f) > floor(k f).
+# --direct is the paper's baseline: the same number of stages and steps, all at the final block size.
+
+
+def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction: float,
+               direct: bool = False) -> list[tuple[int, list[int]]]:
+    """[(B, [offset of each RL step])] per stage."""
+    plan = []
+    for B in block_sizes:
+        B = block_sizes[-1] if direct else B
+        offsets = [B // 2 if math.floor((k + 1) * shift_fraction) > math.floor(k * shift_fraction) else 0
+                   for k in range(steps_per_stage)]
+        plan.append((B, offsets))
+    return plan
+
+
+def rl_step(model, value_head, opt, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int,
+            offset: int, generator) -> dict:
+    """One TraceRL step: rollouts, rewards, trace rounds, old log-probs and values, advantages, update."""
+    t0 = time.time()
+    dev = next(model.parameters()).device
+    G, mask_id, pad_id = cfg.group_size, tokenizer.mask_token_id, tokenizer.eos_token_id
+    prompts = [encode_prompt(tokenizer, p["question"], cfg) for p in problems for _ in range(G)]
+
+    # 1. rollouts (temperature 1, dynamic remasking by default), rewards; a response cut by the length
+    #    limit scores 0
+    with autocast(cfg, dev):
+        gens = generate(model, prompts, **sampler_kwargs(cfg, model, tokenizer, block_size, rollout=True),
+                        offset=offset, generator=generator)
+    rewards = torch.tensor([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
+                            for g, p in zip(gens, (p for p in problems for _ in range(G)))]).view(-1, G)
+    adv_sample, keep = group_advantages(rewards, cfg.advantage, parse_band(cfg.acc_band))    # (prompts, G)
+    kept = keep.flatten().nonzero()[:, 0].tolist()
+    stats = {"accuracy": rewards.mean().item(), "kept": len(kept) / len(gens),
+             "tpf": tokens_per_forward([g.n_tokens for g in gens], [g.nfe for g in gens]),
+             "local_strict": local_strict([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
+                                          block_size, offset),
+             "length": float(np.mean([g.n_tokens for g in gens]))}
+
+    # 2. the states the sampler visited, as training sequences
+    tb = build_trace_batch(prompts, gens, kept, block_size, offset, cfg.shrink, mask_id)
+    seqs = list(range(len(tb.ids)))
+    if dist_sum(len(seqs)) == 0:                 # no prompt with signal anywhere: nothing to learn from
+        return {**stats, "seconds": time.time() - t0}
+
+    # 3. old log-probs and values: the pre-update weights, the same layout
+    M = len(tb.label)
+    logp_old, v_old = torch.zeros(M), torch.zeros(M)
+    with torch.no_grad(), autocast(cfg, dev):
+        for tgt, logp, values in score_sequences(model, value_head, tb, seqs, cfg.micro_batch, block_size,
+                                                 offset, pad_id):
+            logp_old[tgt], v_old[tgt] = logp.float().cpu(), values.float().cpu()
+    stats["traj_gap"] = (logp_old - tb.sampler_logp).abs().max().item() if M else 0.0
+
+    # 4. advantages per target token
+    if cfg.advantage == "gae":
+        rows = {j: n for n, j in enumerate(kept)}
+        r = torch.tensor([rows[int(j)] for j in tb.sample]) if M else torch.zeros(0, dtype=torch.long)
+        L = max(len(gens[j].ids) for j in kept)
+        step = torch.zeros(len(kept), L, dtype=torch.long)
+        step[r, tb.token] = torch.tensor([gens[int(j)].step_map[int(i)] for j, i in zip(tb.sample, tb.token)])
+        last = step.max(1, keepdim=True).values                                   # each sample's final step
+        z = adv_sample.flatten()[kept][:, None]                                   # (kept, 1)
+        token_r = torch.where(step == last, z, 0.0)                               # reward on the last step
+        values = torch.zeros(len(kept), L)
+        values[r, tb.token] = v_old
+        adv_tok, ret_tok = gae_over_steps(token_r, values, step, cfg.gamma, cfg.gae_lambda)
+        adv, ret = adv_tok[r, tb.token], ret_tok[r, tb.token]
+        stats["explained_var"] = (1 - (ret - v_old).var() / ret.var().clamp(min=1e-8)).item() if M > 1 else 0.0
+    else:
+        adv, ret = adv_sample.flatten()[tb.sample], None
+    weights = token_weights(tb, cfg.advantage)
+
+    # 5. PPO update: --minibatches optimizer steps over a shuffled split of the sequences
+    model.train()
+    order = torch.randperm(len(seqs), generator=generator).tolist()
+    clipped, kls, vlosses = [], [], []
+    for mb in np.array_split(np.array(order), cfg.minibatches):
+        mb = mb.tolist()
+        tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb]) if mb else \
+            torch.zeros(0, dtype=torch.long)
+        norm = dist_sum(weights[tgt_all].sum().item())
+        n_tok = dist_sum(len(tgt_all))
+        opt.zero_grad(set_to_none=True)
+        with autocast(cfg, dev):
+            for tgt, logp, values in score_sequences(model, value_head, tb, mb, cfg.micro_batch, block_size,
+                                                     offset, pad_id):
+                per_tok, ratio, kl = ppo_token_loss(logp.float(), logp_old[tgt].to(dev), adv[tgt].to(dev),
+                                                    cfg.clip_eps, cfg.beta)
+                loss = (per_tok * weights[tgt].to(dev)).sum() / norm
+                if ret is not None:
+                    vl = clipped_value_loss(values, v_old[tgt].to(dev), ret[tgt].to(dev), cfg.clip_eps)
+                    loss = loss + vl.sum() / n_tok
+                    vlosses.append(vl.detach().cpu())
+                loss.backward()
+                clipped.append(((ratio - 1).abs() > cfg.clip_eps).detach().cpu())
+                kls.append(kl.detach().cpu())
+        all_reduce_grads(model, value_head)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+    stats.update(clip_frac=torch.cat(clipped).float().mean().item(), approx_kl=torch.cat(kls).mean().item(),
+                 seconds=time.time() - t0)
+    if vlosses:
+        stats["value_loss"] = torch.cat(vlosses).mean().item()
+    return stats
+
+
+# ======================================================================================================
+# 10. Metrics and evaluation
+# ======================================================================================================
+# accuracy   mean reward over all samples;  pass@k   P(at least one of k samples right), unbiased
+# TPF        sum of response tokens / sum of NFE (a ratio of sums over the batch)
+# LocalStrict  over adjacent response-token pairs (i, i+1) inside one block, the fraction decoded in
+#            left-to-right order, s_i <= s_{i+1} (1 = strictly left to right; design.md section 6)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def tokens_per_forward(n_tokens: Sequence[int], nfes: Sequence[int]) -> float:
+    """TPF = sum of response tokens / sum of denoising forwards."""
+    return sum(n_tokens) / max(1, sum(nfes))
+
+
+def local_strict(step_maps: Sequence[Sequence[int]], prompt_lens: Sequence[int], block_size: int,
+                 offset: int = 0) -> float:
+    """Fraction of adjacent response-token pairs inside one block with s_i <= s_{i+1}; NaN if none."""
+    ordered, pairs = local_strict_counts(step_maps, prompt_lens, block_size, offset)
+    return ordered / pairs if pairs else float("nan")
+
+
+def local_strict_counts(step_maps, prompt_lens, block_size: int, offset: int = 0) -> tuple[int, int]:
+    """(ordered pairs, pairs) behind local_strict, for sums over batches and processes."""
+    ordered = pairs = 0
+    for steps, P in zip(step_maps, prompt_lens):
+        s = torch.as_tensor(steps)
+        blocks = block_index(P + torch.arange(len(s)), block_size, offset)
+        same = blocks[1:] == blocks[:-1]
+        ordered += int(((s[:-1] <= s[1:]) & same).sum())
+        pairs += int(same.sum())
+    return ordered, pairs
+
+
+# ======================================================================================================
+# 11. main: presets, data, logging, checkpoints, the T* loop
+# ======================================================================================================
+
+# The paper's setting, switched on when --model is a checkpoint (design.md sections 5-6). Every value
+# can still be overridden on the command line.
+SDAR_PRESET = dict(
+    out_dir="runs/sdar", train_dataset="math", eval_datasets="math500", block_sizes="4,8,16,32",
+    steps_per_stage=100, prompts_per_step=64, group_size=16, rollout_temperature=1.0, temperature=1.0,
+    remasking="dynamic", threshold=0.9, max_new_tokens=2000, lr=1e-6, value_lr=1e-4, grad_clip=1.0,
+    acc_band="0.2,0.8", eval_samples=3, eval_batch=32, micro_batch=4, grad_checkpointing=True,
+)
+
+
+def finalize_config(cfg: Config, given: set[str]) -> Config:
+    """Apply the preset for checkpoints, then check every setting: one clear error for the first bad one."""
+    if not is_architecture_file(cfg.model):
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
+    sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
+    if any(b < 1 for b in sizes):
+        raise UsageError(f"block sizes must be >= 1, got {cfg.block_sizes}")
+    if any(b2 <= b1 for b1, b2 in zip(sizes, sizes[1:])):
+        raise UsageError(f"--block-sizes must be increasing, got {cfg.block_sizes}")
+    parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
+    checks = [
+        (0.0 <= cfg.shift_fraction <= 1.0, f"--shift-fraction must be in [0, 1], got {cfg.shift_fraction}"),
+        (cfg.steps_per_block is None or cfg.steps_per_block >= 1,
+         f"--steps-per-block must be positive, got {cfg.steps_per_block}"),
+        (cfg.remasking in ("static", "dynamic", "ass"), f"--remasking must be static, dynamic or ass"),
+        (cfg.advantage in ("gae", "group"), f"--advantage must be gae or group, got {cfg.advantage!r}"),
+        (cfg.micro_batch >= 1, f"--micro-batch must be >= 1, got {cfg.micro_batch}"),
+        (cfg.minibatches >= 1, f"--minibatches must be >= 1, got {cfg.minibatches}"),
+        (cfg.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples), got {cfg.group_size}"),
+        (cfg.prompts_per_step >= 1, f"--prompts-per-step must be >= 1, got {cfg.prompts_per_step}"),
+        (cfg.steps_per_stage >= 1, f"--steps-per-stage must be >= 1, got {cfg.steps_per_stage}"),
+        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
+        (cfg.temperature >= 0 and cfg.rollout_temperature >= 0, "temperatures must be >= 0"),
+        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
+        (cfg.top_k >= 0, f"--top-k must be >= 0, got {cfg.top_k}"),
+        (cfg.eval_samples >= 1, f"--eval-samples must be >= 1, got {cfg.eval_samples}"),
+        (cfg.shrink >= 1, f"--shrink must be >= 1, got {cfg.shrink}"),
+        (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    parse_band(cfg.acc_band)
+    return cfg
+
+
+def parse_band(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--acc-band must be two numbers low,high; got {text!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise UsageError(f"--acc-band must satisfy 0 <= low <= high <= 1, got {text!r}")
+    return low, high
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """Forward passes run in the compute dtype; weights stay in float32 when training (master weights:
+    an update of lr 1e-6 is below bfloat16's resolution for most weights and would be lost)."""
+    dtype = compute_dtype(cfg, device)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool = False) -> dict:
+    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation."""
+    return dict(mask_id=tokenizer.mask_token_id, stop_ids=stop_token_ids(model, tokenizer), block_size=block_size,
+                steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
+                temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
+                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+
+
+def encode_prompt(tokenizer, question: str, cfg: Config | None = None) -> list[int]:
+    """Checkpoints with a chat template get it (one user turn, generation prompt); the tiny model's
+    character tokenizer reads the question as it is."""
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    return tokenizer.encode(question)
+
+
+# --- distributed (torchrun) -----------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def dist_sum(x: float) -> float:
+    """Sum of a number over all processes (the number itself when not distributed)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_reduce_grads(*modules) -> None:
+    """Sum gradients over processes. Each process's loss is already divided by the global token count,
+    so the sum is the gradient of the global mean (what DDP computes, without wrapping the model)."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    for p in (p for m in modules for p in m.parameters() if p.requires_grad):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+# --- data -----------------------------------------------------------------------------------------------
+
+
+def load_task(cfg: Config):
+    """(train problems, {name: test problems}, reward function). Problems are dicts question/answer."""
+    splits = toy_splits(cfg.train_size, cfg.test_size, cfg.seed)
+    test = splits["test"].to_list()
+    if cfg.eval_limit:
+        test = test[: cfg.eval_limit]
+    return splits["train"].to_list(), {"toy": test}, lambda response, problem: toy_reward(response, problem["question"])
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | None = None) -> None:
+    """save_pretrained of model and tokenizer, plus the value head and a JSON of what this is. The info
+    file is written last: a directory without it is an unfinished save."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if value_head is not None:
+        save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(path / "value_head.safetensors"))
+    (path / "tstar.json").write_text(json.dumps(info or {}, indent=1))
+
+
+def new_value_head(model) -> torch.nn.Linear:
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+def load_value_head(model, path: Path) -> torch.nn.Linear:
+    from safetensors.torch import load_file
+
+    head = new_value_head(model)
+    if (path / "value_head.safetensors").is_file():
+        head.load_state_dict(load_file(str(path / "value_head.safetensors")))
+    return head
+
+
+def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: Path):
+    """The tiny model after its warm start: reused from out/warmstart when it was made with the same
+    settings, trained (and saved) otherwise."""
+    path = out / "warmstart"
+    settings = dict(config=json.loads(Path(cfg.model).read_text()), seed=cfg.seed, steps=cfg.warm_start_steps,
+                    batch=cfg.warm_start_batch, lr=cfg.warm_start_lr, block_size=cfg.block_size,
+                    train_size=cfg.train_size)
+    info_file = path / "tstar.json"
+    if not (info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings):
+        if is_main():
+            t0 = time.time()
+            losses = warm_start(model, tokenizer, {k: [p[k] for p in train] for k in ("question", "answer")},
+                                cfg, device)
+            info = dict(settings=settings, seconds=round(time.time() - t0, 1), first_loss=losses[0],
+                        final_loss=float(np.mean(losses[-50:])))
+            save_checkpoint(path, model, tokenizer, info=info)
+            print(f"warm start: {len(losses)} steps in {info['seconds']:.0f}s, "
+                  f"loss {losses[0]:.3f} -> {info['final_loss']:.3f}; saved to {path}")
+        barrier()
+    else:
+        print(f"warm start: reusing {path}")
+    return load_model_and_tokenizer(str(path), device, torch.float32)[0]
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --- evaluation over datasets and block sizes -----------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int, seed: int = 0):
+    """Metrics of one evaluation set at one block size (offset 0), over all processes. Returns the
+    metrics dict and this process's generations (for pictures of the decoding order)."""
+    rank, size = world()
+    dev = next(model.parameters()).device
+    mine = list(problems)[rank::size]
+    n = cfg.eval_samples
+    prompts = [encode_prompt(tokenizer, p["question"], cfg) for p in mine for _ in range(n)]
+    generator = torch.Generator(dev).manual_seed(seed * 1000 + rank)
+    t0 = time.time()
+    gens = []
+    with autocast(cfg, dev):
+        for i in tqdm(range(0, len(prompts), cfg.eval_batch), desc=f"eval B={block_size}", leave=False,
+                      disable=not is_main() or len(prompts) <= cfg.eval_batch):
+            gens += generate(model, prompts[i: i + cfg.eval_batch],
+                             **sampler_kwargs(cfg, model, tokenizer, block_size), generator=generator)
+    seconds = time.time() - t0
+    rewards = np.array([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
+                        for g, p in zip(gens, (p for p in mine for _ in range(n)))]).reshape(-1, n)
+    ordered, pairs = local_strict_counts([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
+                                         block_size)
+    sums = {k: dist_sum(v) for k, v in dict(
+        problems=len(mine), samples=len(gens), correct=rewards.sum(),
+        passed=sum(pass_at_k(n, int(c), n) for c in rewards.sum(1)),
+        tokens=sum(g.n_tokens for g in gens), nfe=sum(g.nfe for g in gens),
+        ordered=ordered, pairs=pairs, seconds=seconds).items()}
+    metrics = dict(block_size=block_size, accuracy=sums["correct"] / max(1, sums["samples"]),
+                   **{f"pass@{n}": sums["passed"] / max(1, sums["problems"])},
+                   tpf=sums["tokens"] / max(1, sums["nfe"]),
+                   local_strict=sums["ordered"] / sums["pairs"] if sums["pairs"] else float("nan"),
+                   length=sums["tokens"] / max(1, sums["samples"]), nfe=sums["nfe"] / max(1, sums["samples"]),
+                   tokens_per_s=sums["tokens"] / max(1e-9, sums["seconds"] / world()[1]),
+                   problems=int(sums["problems"]))
+    return metrics, gens
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
+    """A markdown table: columns are (key, header)."""
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --- pictures of the decoding order (the paper's Figure 4) ------------------------------------------------
+
+
+def render_trajectory(tokenizer, g: Generation, block_size: int) -> str:
+    """Text picture of one response: per block, its tokens and, under each, the order in which the block's
+    tokens were finalized (1 = first step spent on that block)."""
+    steps = torch.tensor(g.step_map[: g.n_tokens])
+    blocks = block_index(g.prompt_len + torch.arange(len(steps)), block_size, g.offset)
+    lines = []
+    for b in blocks.unique().tolist():
+        sel = (blocks == b).nonzero()[:, 0]
+        order = torch.unique(steps[sel], return_inverse=True)[1] + 1
+        cells = [(repr(tokenizer.decode([g.ids[i]]))[1:-1] or " ", str(int(o))) for i, o in zip(sel.tolist(), order)]
+        width = [max(len(t), len(o)) for t, o in cells]
+        lines.append(" ".join(t.ljust(w) for (t, _), w in zip(cells, width)) + "\n" +
+                     " ".join(o.ljust(w) for (_, o), w in zip(cells, width)))
+    return "\n".join(lines)
+
+
+def plot_trajectories(gens: Sequence[Generation], block_size: int, path: Path, title: str) -> None:
+    """Heatmap: one row per sample, one column per response token, colour = the row's denoising step at
+    which the token was finalized (normalised by its NFE). Left-to-right decoding is a smooth ramp;
+    parallel decoding shows flat runs. Block boundaries are drawn in white."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = max(g.n_tokens for g in gens)
+    grid = np.full((len(gens), width), np.nan)
+    fig, ax = plt.subplots(figsize=(min(16, 2 + width / 6), 1 + 0.35 * len(gens)))
+    for r, g in enumerate(gens):
+        grid[r, : g.n_tokens] = np.array(g.step_map[: g.n_tokens]) / g.nfe
+        starts = [i for i in range(1, g.n_tokens)
+                  if block_index(g.prompt_len + i, block_size, g.offset) != block_index(g.prompt_len + i - 1, block_size, g.offset)]
+        for i in starts:
+            ax.plot([i - 0.5, i - 0.5], [r - 0.5, r + 0.5], color="white", lw=1.5)
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("response token")
+    ax.set_ylabel("sample")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="finalized at step / NFE")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(records: Sequence[dict], path: Path) -> None:
+    """Rollout accuracy and TPF against RL step, evaluation points at stage ends, stage boundaries."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval" and r["block_size"] == r["stage_block_size"]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "tpf", "tokens per forward")):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], ".-", lw=0.8, label="rollouts (T=1)")
+        ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o", label="evaluation at the stage's B")
+        for r in train:
+            if r["stage_step"] == 0:
+                ax.axvline(r["step"] - 0.5, color="grey", lw=0.6)
+                ax.text(r["step"], ax.get_ylim()[1], f" B={r['block_size']}", va="top", fontsize=8)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel(label)
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- the run ----------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per RL step and per evaluation, flushed as it is written."""
+
+    def __init__(self, path: Path, keep_stages_below: int | None = None):
+        self.path = path
+        self.records = [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+        if keep_stages_below is not None:          # a resumed run drops what an unfinished stage logged
+            self.records = [r for r in self.records if r["stage"] < keep_stages_below]
+        else:
+            self.records = []
+        if is_main():
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if is_main():
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg: Config, out: Path, log: MetricsLog, stage: int,
+                   label: str, stage_block_size: int, step: int) -> None:
+    """Evaluate at every evaluation block size, log it, and draw the decoding order at the stage's B."""
+    for name, problems in eval_sets.items():
+        for B in parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes"):
+            metrics, gens = evaluate(model, tokenizer, problems, reward_fn, cfg, B, seed=cfg.seed + stage)
+            log.write(dict(kind="eval", stage=stage, label=label, dataset=name, stage_block_size=stage_block_size,
+                           step=step, **metrics))
+            if is_main():
+                print(f"  eval {label:>10} {name} B={B:<3d} acc {metrics['accuracy']:.3f}  "
+                      f"pass@{cfg.eval_samples} {metrics[f'pass@{cfg.eval_samples}']:.3f}  TPF {metrics['tpf']:.2f}  "
+                      f"LocalStrict {metrics['local_strict']:.3f}  len {metrics['length']:.1f}  "
+                      f"{metrics['tokens_per_s']:.0f} tok/s")
+                if B == stage_block_size and gens:
+                    plot_trajectories(gens[:8], B, out / f"trajectory-{stage}-{label}-B{B}.png",
+                                      f"{label}: decoding order at B={B} ({name})")
+                    if cfg.show_trajectory:
+                        for g in gens[:2]:
+                            print(render_trajectory(tokenizer, g, B) + "\n")
+
+
+def results_table(records: Sequence[dict], cfg: Config) -> str:
+    """Rows: warm start (or the start model), then each stage; columns: accuracy and TPF at each
+    evaluation block size, and LocalStrict at each."""
+    sizes = parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
+    rows = {}
+    for r in records:
+        if r["kind"] == "eval":
+            row = rows.setdefault((r["stage"], r["dataset"]), {"model": r["label"], "dataset": r["dataset"]})
+            for key in ("accuracy", "tpf", "local_strict"):
+                row[f"{key}@{r['block_size']}"] = r[key]
+    columns = [("model", "model"), ("dataset", "data")]
+    columns += [(f"accuracy@{B}", f"acc B={B}") for B in sizes] + [(f"tpf@{B}", f"TPF B={B}") for B in sizes]
+    columns += [(f"local_strict@{B}", f"LS B={B}") for B in sizes]
+    return format_table([rows[k] for k in sorted(rows)], columns)
+
+
+def last_finished_stage(out: Path) -> int:
+    """Index of the last stage whose checkpoint was completely written, or -1."""
+    done = [int(p.parent.name.split("-")[0][5:]) for p in out.glob("stage*-B*/tstar.json")]
+    return max(done, default=-1)
+
+
+def stage_dir(out: Path, stage: int, block_size: int) -> Path:
+    return out / f"stage{stage}-B{block_size}"
+
+
+def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, out: Path, device) -> None:
+    """The T* loop: stages of TraceRL at growing block sizes, evaluation and a checkpoint after each."""
+    plan = stage_plan(parse_int_list(cfg.block_sizes, "--block-sizes"), cfg.steps_per_stage, cfg.shift_fraction,
+                      cfg.direct)
+    value_head = new_value_head(model)
+    first = 0
+    if cfg.resume:
+        last = last_finished_stage(out)
+        if last < 0:
+            raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
+        info = json.loads((stage_dir(out, last, plan[min(last, len(plan) - 1)][0]) / "tstar.json").read_text()) \
+            if stage_dir(out, last, plan[min(last, len(plan) - 1)][0]).exists() else {}
+        if info.get("plan") != plan:
+            raise UsageError(f"--resume: {out} was made with another curriculum; use the same flags")
+        path = stage_dir(out, last, plan[last][0])
+        model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
+        value_head = load_value_head(model, path)
+        first = last + 1
+        print(f"resuming after stage {last} from {path}")
+    log = MetricsLog(out / "metrics.jsonl", keep_stages_below=first if cfg.resume else None)
+    if first == 0:
+        evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rank, size = world()
+    for k in range(first, len(plan)):
+        B, offsets = plan[k]
+        stage = k + 1
+        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
+                                 {"params": value_head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
+        for step, offset in enumerate(offsets):
+            rng = random.Random(f"{cfg.seed}-{k}-{step}")                       # same on every process
+            problems = rng.sample(train_problems, cfg.prompts_per_step)[rank::size]
+            generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k * 10_007 + step * 101 + rank)
+            stats = rl_step(model, value_head, opt, tokenizer, problems, reward_fn, cfg, B, offset, generator)
+            global_step = k * cfg.steps_per_stage + step + 1
+            record = dict(kind="train", stage=stage, block_size=B, offset=offset, stage_step=step, step=global_step,
+                          **{key: dist_sum(v) / size for key, v in stats.items()})
+            log.write(record)
+            if is_main():
+                print(f"stage {stage} B={B:<2d} off={offset:<2d} step {global_step:4d} | "
+                      f"acc {record['accuracy']:.3f} kept {record['kept']:.2f} TPF {record['tpf']:.2f} "
+                      f"LS {record['local_strict']:.3f} len {record['length']:.1f} | "
+                      f"clip {record.get('clip_frac', 0):.3f} kl {record.get('approx_kl', 0):.2e} "
+                      f"vloss {record.get('value_loss', 0):.3f} ev {record.get('explained_var', 0):+.2f} "
+                      f"gap {record.get('traj_gap', 0):.1e} | {record['seconds']:.1f}s", flush=True)
+        evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
+                       (k + 1) * cfg.steps_per_stage)
+        if is_main():
+            save_checkpoint(stage_dir(out, k, B), model, tokenizer, value_head,
+                            info=dict(stage=k, block_size=B, plan=plan, config=dataclasses.asdict(cfg)))
+        barrier()
+    if is_main():
+        table = results_table(log.records, cfg)
+        (out / "results.md").write_text(table + "\n")
+        plot_curves(log.records, out / "curves.png")
+        print("\n" + table + f"\n\nwrote {out / 'metrics.jsonl'}, {out / 'results.md'}, {out / 'curves.png'}")
+
+
+def run(cfg: Config) -> None:
+    import torch.distributed as dist
+
+    device = resolve_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if is_main():
+        print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    storage = compute_dtype(cfg, device) if cfg.eval_only else torch.float32
+    model, tokenizer = load_model_and_tokenizer(cfg.model, device, storage)
+    for B in sorted(set(parse_int_list(cfg.block_sizes, "--block-sizes") + [cfg.block_size] +
+                        parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes"))):
+        check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_problems, eval_sets, reward_fn = load_task(cfg)
+    if is_architecture_file(cfg.model):
+        model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
+    if cfg.eval_only:
+        log = MetricsLog(out / "eval.jsonl")
+        evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
+        if is_main():
+            columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
+                       (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"),
+                       ("local_strict", "LocalStrict"), ("length", "mean length"), ("tokens_per_s", "tokens/s")]
+            table = format_table(log.records, columns)
+            (out / "eval.json").write_text(json.dumps(log.records, indent=1))
+            print("\n" + table + f"\n\nwrote {out / 'eval.json'}")
+        return
+    train(cfg, model, tokenizer, train_problems, eval_sets, reward_fn, out, device)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, given = parse_args(argv)
+        run(finalize_config(cfg, given))
+    except UsageError as e:
+        print(f"tstar: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are saved; rerun with --resume to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
