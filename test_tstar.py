@@ -103,7 +103,7 @@ def test_stopped_rows_end_after_the_block_with_the_stop_token(tiny):
     model, tok = tiny
     # with every token a stop token, each row stops after its first block
     gens = tstar.generate(model, [tok.encode(p) for p in PROMPTS],
-                          **sample_kwargs(tok, stop_ids=list(range(len(tok)))))
+                          **sample_kwargs(tok, stop_ids=list(range(model.config.vocab_size))))
     for p, g in zip(PROMPTS, gens):
         assert g.stopped and g.n_tokens == 1
         first_block_end = tstar.block_start(len(p), 4) + 4
@@ -221,3 +221,249 @@ def test_warm_start_lowers_the_loss(tiny):
     cfg = tstar.Config(warm_start_steps=30, warm_start_batch=16, warm_start_lr=3e-3)
     tstar.warm_start(model, tok, data[:], cfg, "cpu")
     assert loss() < 0.7 * before
+
+
+# ------------------------------------------------------------------------------------------------ TraceRL
+
+
+def show_rounds(targets, masked, block_size, offset=0):
+    """Render rounds as in design.md: P target, M masked, . visible, blocks separated by spaces."""
+    L = targets.shape[1]
+    blocks = tstar.block_index(torch.arange(L), block_size, offset)
+    out = []
+    for t, m in zip(targets, masked):
+        s = ""
+        for i in range(L):
+            if i and blocks[i] != blocks[i - 1]:
+                s += " "
+            s += "P" if t[i] else "M" if m[i] else "."
+        out.append(s)
+    return out
+
+
+def test_trace_rounds_reproduce_the_hand_worked_example():
+    s = [1, 1, 2, 1, 3, 5, 4, 6, 7, 7, 7, 7]
+    assert show_rounds(*tstar.trace_rounds(s, 4), 4) == ["PPMP PMMM PPPP", "..P. .MPM ....", ".... .P.M ....",
+                                                         ".... ...P ...."]
+    # shrink 2: runs of two consecutive steps of a block become one round
+    assert show_rounds(*tstar.trace_rounds(s, 4, shrink=2), 4) == ["PPPP PMPM PPPP", ".... .P.P ...."]
+    # offset 2: blocks are [1 1 | 2 1 3 5 | 4 6 7 7 | 7 7]
+    assert show_rounds(*tstar.trace_rounds(s, 4, offset=2), 4, 2) == [
+        "PP MPMM PMMM PP", ".. P.MM .PMM ..", ".. ..PM ..PP ..", ".. ...P .... .."]
+
+
+@pytest.mark.parametrize("B,offset", [(4, 0), (4, 2), (8, 0), (8, 4)])
+def test_training_layout_reproduces_the_sampler_logprobs(tiny, B, offset):
+    """Trajectory consistency: before any update, the log-prob of every target in the training layout
+    equals the log-prob the sampler computed when it committed that token (fp32, within 1e-4)."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, block_size=B, offset=offset, temperature=1.0),
+                          generator=torch.Generator().manual_seed(3))
+    tb = tstar.build_trace_batch(prompts, gens, range(len(gens)), B, offset, 1, tok.mask_token_id)
+    assert len(tb.label) == sum(len(g.ids) for g in gens)          # every token is a target exactly once
+    logp = torch.full((len(tb.label),), float("nan"))
+    with torch.no_grad():
+        for tgt, lp, _ in tstar.score_sequences(model, None, tb, list(range(len(tb.ids))), 7, B, offset,
+                                                tok.eos_token_id):
+            logp[tgt] = lp
+    assert (logp - tb.sampler_logp).abs().max().item() <= 1e-4
+
+
+def brute_force_gae(r, v, s, gamma, lam):
+    """GAE over steps written as explicit sums, for one sample (independent of tstar's recursion)."""
+    steps = sorted(set(s))
+    r_star = {t: sum(ri for ri, si in zip(r, s) if si == t) / s.count(t) for t in steps}
+    v_star = {t: sum(vi for vi, si in zip(v, s) if si == t) / s.count(t) for t in steps}
+    v_after = lambda n: v_star[steps[n]] if n < len(steps) else 0.0       # noqa: E731
+    delta = [r_star[t] - v_star[t] + gamma * v_after(n + 1) for n, t in enumerate(steps)]
+    A_star = [sum((gamma * lam) ** k * delta[n + k] for k in range(len(steps) - n)) for n in range(len(steps))]
+    R_star = [sum(gamma ** k * r_star[steps[n + k]] for k in range(len(steps) - n)) for n in range(len(steps))]
+    adv, ret = [], []
+    for ri, vi, si in zip(r, v, s):
+        n = steps.index(si)
+        adv.append(ri - vi + gamma * v_after(n + 1) + gamma * lam * (A_star[n + 1] if n + 1 < len(steps) else 0))
+        ret.append(ri + gamma * (R_star[n + 1] if n + 1 < len(steps) else 0))
+    return adv, ret
+
+
+def test_gae_with_gamma_and_lambda_one_is_outcome_minus_value():
+    step = torch.tensor([[1, 1, 2, 3, 3, 0], [1, 2, 2, 4, 0, 0]])
+    z = torch.tensor([[0.7], [-1.3]])
+    last = step.max(1, keepdim=True).values
+    rewards = torch.where(step == last, z, 0.0)
+    values = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    adv, ret = tstar.gae_over_steps(rewards, values, step, 1.0, 1.0)
+    real = step > 0
+    assert torch.allclose(adv[real], (z - values)[real], atol=1e-6)
+    assert torch.allclose(ret[real], z.expand(-1, 6)[real], atol=1e-6)
+
+
+def test_gae_with_lambda_zero_is_the_one_step_form():
+    s = torch.tensor([1, 2, 2, 3])
+    r = torch.tensor([0.0, 0.5, 0.1, 1.0])
+    v = torch.tensor([0.2, 0.4, -0.6, 0.3])
+    adv, _ = tstar.gae_over_steps(r, v, s, 0.9, 0.0)
+    v_next = torch.tensor([(0.4 - 0.6) / 2, 0.3, 0.3, 0.0])             # V* of the following step
+    assert torch.allclose(adv, r - v + 0.9 * v_next, atol=1e-6)
+
+
+def test_gae_matches_a_brute_force_sum_on_random_inputs():
+    g = random.Random(0)
+    for _ in range(20):
+        L = g.randint(1, 12)
+        s = sorted(g.randint(1, 6) for _ in range(L))
+        s = [sorted(set(s)).index(x) + 1 for x in s]                        # contiguous step ids
+        g.shuffle(s)
+        r = [g.uniform(-1, 1) for _ in range(L)]
+        v = [g.uniform(-1, 1) for _ in range(L)]
+        gamma, lam = g.uniform(0.5, 1), g.uniform(0, 1)
+        adv, ret = tstar.gae_over_steps(torch.tensor(r, dtype=torch.float64), torch.tensor(v, dtype=torch.float64),
+                                        torch.tensor(s), gamma, lam)
+        want_adv, want_ret = brute_force_gae(r, v, s, gamma, lam)
+        assert torch.allclose(adv, torch.tensor(want_adv, dtype=torch.float64), atol=1e-9)
+        assert torch.allclose(ret, torch.tensor(want_ret, dtype=torch.float64), atol=1e-9)
+
+
+def test_group_advantages_are_z_scores_and_drop_groups_that_agree():
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    adv, keep = tstar.group_advantages(rewards, "gae")
+    assert adv[0].tolist() == [1.0, -1.0, 1.0, -1.0]
+    assert not keep[1].any() and adv[1].abs().sum() == 0 and not torch.isnan(adv).any()
+    assert keep[2].all()
+    _, keep = tstar.group_advantages(rewards, "gae", band=(0.3, 0.8))          # TraceRL's accuracy band
+    assert keep[0].all() and not keep[2].any()
+
+
+def rl_config(**kw):
+    base = dict(group_size=4, minibatches=1, micro_batch=16, lr=1e-3, value_lr=1e-2, max_new_tokens=24)
+    base.update(kw)
+    return tstar.Config(**base)
+
+
+def text_parity_reward(text, problem):
+    """A deterministic reward that splits a random model's samples."""
+    import zlib
+    return float(zlib.crc32(text.encode()) % 2)
+
+
+@pytest.fixture
+def every_token_stops(monkeypatch):
+    """Every rollout ends after its first block, so it is not cut by the length limit and gets a reward."""
+    monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tok: list(range(model.config.vocab_size)))
+
+
+def test_one_rl_step_changes_the_policy_and_the_value_head(every_token_stops):
+    torch.manual_seed(0)
+    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
+    head = tstar.new_value_head(model)
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 1e-3}, {"params": head.parameters(), "lr": 1e-2}])
+    before = [p.detach().clone() for p in model.parameters()]
+    problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
+    stats = tstar.rl_step(model, head, opt, tok, problems, text_parity_reward, rl_config(), 4, 0,
+                          torch.Generator().manual_seed(0))
+    assert stats["kept"] > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert head.weight.abs().sum() > 0                                          # started at zero
+    assert stats["traj_gap"] <= 1e-4
+
+
+def test_a_step_with_zero_advantages_leaves_the_policy_unchanged(every_token_stops):
+    torch.manual_seed(0)
+    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
+    head = tstar.new_value_head(model)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-2)
+    before = [p.detach().clone() for p in model.parameters()]
+    problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
+    stats = tstar.rl_step(model, head, opt, tok, problems, lambda text, p: 1.0, rl_config(), 4, 0,
+                          torch.Generator().manual_seed(0))
+    assert stats["kept"] == 0 and stats["accuracy"] == 1.0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    # and the loss itself: zero advantage and logp == logp_old give a zero gradient (KL is 0 at the start)
+    logp = torch.randn(5, requires_grad=True)
+    loss, _, _ = tstar.ppo_token_loss(logp, logp.detach(), torch.zeros(5), 0.2, 0.01)
+    loss.sum().backward()
+    assert logp.grad.abs().max() == 0
+
+
+# ------------------------------------------------------------------------------------------------ curriculum
+
+
+def test_stage_plan_doubles_and_spreads_the_shifted_batches():
+    plan = tstar.stage_plan([4, 8, 16, 32], 4, 0.5)
+    assert plan == [(4, [0, 2, 0, 2]), (8, [0, 4, 0, 4]), (16, [0, 8, 0, 8]), (32, [0, 16, 0, 16])]
+    ten = tstar.stage_plan([4], 10, 0.3)[0][1]
+    assert sum(o > 0 for o in ten) == 3
+    assert tstar.stage_plan([4], 5, 0.0)[0][1] == [0] * 5 and tstar.stage_plan([4], 5, 1.0)[0][1] == [2] * 5
+    assert [B for B, _ in tstar.stage_plan([4, 8, 16], 2, 0.5, direct=True)] == [32 // 2, 16, 16]
+
+
+TINY_RUN = ["--warm-start-steps", "30", "--train-size", "200", "--test-size", "8", "--steps-per-stage", "2",
+            "--prompts-per-step", "4", "--group-size", "4", "--block-sizes", "4,8", "--max-new-tokens", "24"]
+
+
+def weights(path):
+    from safetensors.torch import load_file
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert tstar.main(TINY_RUN + ["--out-dir", str(a)]) == 0
+    records = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "train" for r in records) == 4
+    assert {r["stage"] for r in records if r["kind"] == "eval"} == {0, 1, 2}
+    assert (a / "stage1-B4" / "tstar.json").is_file() and (a / "stage2-B8" / "tstar.json").is_file()
+    assert (a / "results.md").is_file() and (a / "curves.png").is_file()
+    # an interrupted run (stage 2 never finished), resumed, ends with the same weights
+    assert tstar.main(TINY_RUN + ["--out-dir", str(b)]) == 0
+    import shutil
+    shutil.rmtree(b / "stage2-B8")
+    assert tstar.main(TINY_RUN + ["--out-dir", str(b), "--resume"]) == 0
+    wa, wb = weights(a / "stage2-B8"), weights(b / "stage2-B8")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    records_b = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records_b if r["kind"] == "train"] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "no/such/dir"], "no such model directory"),
+    (["--block-sizes", ""], "is empty"),
+    (["--block-sizes", "8,4"], "increasing"),
+    (["--block-sizes", "0,4"], ">= 1"),
+    (["--block-sizes", "4,512"], "exceeds the model's 256 positions"),
+    (["--steps-per-block", "0"], "positive"),
+    (["--steps-per-block", "8", "--block-sizes", "4,8"], "between 1 and the block size 4"),
+    (["--shift-fraction", "1.5"], "--shift-fraction"),
+    (["--micro-batch", "0"], "--micro-batch"),
+    (["--max-new-tokens", "250"], "exceeds the model's 256 positions"),
+])
+def test_bad_input_gets_one_clear_line_and_exit_code_2(tmp_path, capsys, argv, message):
+    assert tstar.main(argv + ["--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tstar: error:") and message in err and "\n" not in err
+
+
+def test_resume_without_a_finished_stage_is_a_clear_error(tmp_path, capsys):
+    assert tstar.main(["--resume", "--out-dir", str(tmp_path)]) == 2
+    assert "no finished stage" in capsys.readouterr().err
+
+
+def test_unreachable_hub_id_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)      # fail at once, no retries
+    assert tstar.main(["--model", "nobody-xyz/no-such-model", "--out-dir", str(tmp_path)]) == 2
+    assert "local directory" in capsys.readouterr().err
+
+
+def test_a_tokenizer_without_mask_token_is_a_clear_error(tmp_path, capsys):
+    from transformers import PreTrainedTokenizerFast
+    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, eos_token="<|endoftext|>")
+    model.save_pretrained(tmp_path / "ar")
+    plain.save_pretrained(tmp_path / "ar")
+    assert tstar.main(["--model", str(tmp_path / "ar"), "--eval-only", "--out-dir", str(tmp_path)]) == 2
+    assert "no mask token" in capsys.readouterr().err

@@ -315,7 +315,7 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
                              f"or has no such model; download it and pass the local directory") from None
         config = qwen3_config(config_dict)
         net = Qwen3ForCausalLM.from_pretrained(model, config=config, dtype=dtype, attn_implementation="sdpa")
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model, config=config, trust_remote_code=False)
     if tokenizer.mask_token_id is None:
         raise UsageError(f"the tokenizer of {model} has no mask token: it is not a masked diffusion model")
     if tokenizer.eos_token_id is None:
@@ -439,8 +439,8 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
     Lq, Lk = q_pos.shape[1], k_pos.shape[1]
     arange = torch.arange(Lk, device=allow.device)
     itself = arange[None, :] == arange[Lk - Lq:, None]                      # (Lq, Lk) query i is key Lk-Lq+i
-    q_pad = ~k_valid[:, Lk - Lq:, None]                                     # (batch, Lq, 1)
-    return (allow | (q_pad & itself))[:, None]                              # (batch, 1, Lq, Lk)
+    q_real = k_valid[:, Lk - Lq:, None]                                     # (batch, Lq, 1)
+    return ((allow & q_real) | (~q_real & itself))[:, None]                 # (batch, 1, Lq, Lk)
 
 
 # ======================================================================================================
@@ -1509,9 +1509,9 @@ def results_table(records: Sequence[dict], cfg: Config) -> str:
 
 
 def last_finished_stage(out: Path) -> int:
-    """Index of the last stage whose checkpoint was completely written, or -1."""
+    """Number (1, 2, ...) of the last stage whose checkpoint was completely written, or 0."""
     done = [int(p.parent.name.split("-")[0][5:]) for p in out.glob("stage*-B*/tstar.json")]
-    return max(done, default=-1)
+    return max(done, default=0)
 
 
 def stage_dir(out: Path, stage: int, block_size: int) -> Path:
@@ -1523,27 +1523,23 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
     plan = stage_plan(parse_int_list(cfg.block_sizes, "--block-sizes"), cfg.steps_per_stage, cfg.shift_fraction,
                       cfg.direct)
     value_head = new_value_head(model)
-    first = 0
+    done = 0                                        # stages already finished
     if cfg.resume:
-        last = last_finished_stage(out)
-        if last < 0:
-            raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
-        info = json.loads((stage_dir(out, last, plan[min(last, len(plan) - 1)][0]) / "tstar.json").read_text()) \
-            if stage_dir(out, last, plan[min(last, len(plan) - 1)][0]).exists() else {}
-        if info.get("plan") != plan:
-            raise UsageError(f"--resume: {out} was made with another curriculum; use the same flags")
-        path = stage_dir(out, last, plan[last][0])
+        done = last_finished_stage(out)
+        path = stage_dir(out, done, plan[done - 1][0]) if done <= len(plan) else None
+        if path is None or not path.is_dir() or \
+                json.loads((path / "tstar.json").read_text()).get("plan") != json.loads(json.dumps(plan)):
+            raise UsageError(f"--resume: {out} was made with another curriculum; resume with the same flags")
         model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
         value_head = load_value_head(model, path)
-        first = last + 1
-        print(f"resuming after stage {last} from {path}")
-    log = MetricsLog(out / "metrics.jsonl", keep_stages_below=first if cfg.resume else None)
-    if first == 0:
+        print(f"resuming after stage {done} from {path}")
+    log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
+    if done == 0:
         evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rank, size = world()
-    for k in range(first, len(plan)):
+    for k in range(done, len(plan)):
         B, offsets = plan[k]
         stage = k + 1
         opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
@@ -1565,10 +1561,10 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
                       f"vloss {record.get('value_loss', 0):.3f} ev {record.get('explained_var', 0):+.2f} "
                       f"gap {record.get('traj_gap', 0):.1e} | {record['seconds']:.1f}s", flush=True)
         evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
-                       (k + 1) * cfg.steps_per_stage)
+                       stage * cfg.steps_per_stage)
         if is_main():
-            save_checkpoint(stage_dir(out, k, B), model, tokenizer, value_head,
-                            info=dict(stage=k, block_size=B, plan=plan, config=dataclasses.asdict(cfg)))
+            save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
+                            info=dict(stage=stage, block_size=B, plan=plan, config=dataclasses.asdict(cfg)))
         barrier()
     if is_main():
         table = results_table(log.records, cfg)
@@ -1596,8 +1592,15 @@ def run(cfg: Config) -> None:
                         parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes"))):
         check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
     out = Path(cfg.out_dir)
+    if cfg.resume and not cfg.eval_only and last_finished_stage(out) == 0:
+        raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
     out.mkdir(parents=True, exist_ok=True)
     train_problems, eval_sets, reward_fn = load_task(cfg)
+    longest = max(len(encode_prompt(tokenizer, p["question"], cfg))
+                  for problems in [train_problems, *eval_sets.values()] for p in problems)
+    if longest + cfg.max_new_tokens > model.config.max_position_embeddings:
+        raise UsageError(f"a prompt of {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceeds the "
+                         f"model's {model.config.max_position_embeddings} positions")
     if is_architecture_file(cfg.model):
         model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
     if cfg.eval_only:
