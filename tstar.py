@@ -281,6 +281,12 @@ def is_architecture_file(model: str) -> bool:
     return model.endswith(".json")
 
 
+def is_toy_model(model: str) -> bool:
+    """A config JSON, or a checkpoint that tstar saved from the toy run (its tstar.json says so)."""
+    info = Path(model) / "tstar.json"
+    return is_architecture_file(model) or (info.is_file() and json.loads(info.read_text()).get("task") == "toy")
+
+
 def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a config JSON (random init + character tokenizer), a local checkpoint
     directory, or a hub id. One path for all of them: the model is always Qwen3ForCausalLM with SDPA."""
@@ -1142,7 +1148,7 @@ SDAR_PRESET = dict(
 
 def finalize_config(cfg: Config, given: set[str]) -> Config:
     """Apply the preset for checkpoints, then check every setting: one clear error for the first bad one."""
-    if not is_architecture_file(cfg.model):
+    if not is_toy_model(cfg.model):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
     sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
     if any(b < 1 for b in sizes):
@@ -1312,7 +1318,7 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
             t0 = time.time()
             losses = warm_start(model, tokenizer, {k: [p[k] for p in train] for k in ("question", "answer")},
                                 cfg, device)
-            info = dict(settings=settings, seconds=round(time.time() - t0, 1), first_loss=losses[0],
+            info = dict(task="toy", settings=settings, seconds=round(time.time() - t0, 1), first_loss=losses[0],
                         final_loss=float(np.mean(losses[-50:])))
             save_checkpoint(path, model, tokenizer, info=info)
             print(f"warm start: {len(losses)} steps in {info['seconds']:.0f}s, "
@@ -1564,7 +1570,8 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
                        stage * cfg.steps_per_stage)
         if is_main():
             save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
-                            info=dict(stage=stage, block_size=B, plan=plan, config=dataclasses.asdict(cfg)))
+                            info=dict(task=cfg.train_dataset, stage=stage, block_size=B, plan=plan,
+                                      config=dataclasses.asdict(cfg)))
         barrier()
     if is_main():
         table = results_table(log.records, cfg)
