@@ -346,7 +346,7 @@ def hidden_states(model, ids, pos, mask, cache=None):
 
 
 # ======================================================================================================
-# 3. Toy task and rewards
+# 3. Tasks: the toy, math datasets, rewards
 # ======================================================================================================
 # The toy task must be verifiable, have responses of 20-60 tokens, and make large blocks genuinely hard
 # for a model trained at B=4. A problem is four groups of five characters:
@@ -403,6 +403,96 @@ def toy_splits(train_size: int, test_size: int, seed: int):
         if p["question"] not in seen:          # repeats inside train are fine; overlap with test is not
             train.append(p)
     return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
+
+
+# --- math: datasets and grading (the paper's setting) ---------------------------------------------------
+# name -> (hub id, config, split, question field, answer field). Local JSON/JSONL/Parquet files work too;
+# their fields are found among LOCAL_FIELDS. Questions and gold answers are normalised in math_problem().
+DATASETS = {
+    "math": ("DigitalLearningGmbH/MATH-lighteval", "default", "train", "problem", "solution"),   # MATH train
+    "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
+    "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer"),
+    "aime2024": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer"),
+}
+LOCAL_FIELDS = (("question", "answer"), ("problem", "answer"), ("problem", "solution"))
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...} in text (nested braces kept), or None if there is none."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + len("\\boxed{"): i].strip()
+    return None                                     # unbalanced: the response was cut inside the box
+
+
+def gold_answer(answer: str) -> str:
+    """The gold answer of a dataset row: GSM8K's "#### 42", else the last \\boxed{} (MATH solutions),
+    else the text itself."""
+    if "####" in answer:
+        return answer.split("####")[-1].strip().replace(",", "")
+    return extract_boxed(answer) or answer.strip()
+
+
+def math_problem(question: str, answer: str) -> dict:
+    return {"question": question.strip() + "\n" + MATH_INSTRUCTION, "answer": gold_answer(str(answer)), "task": "math"}
+
+
+def grade(response: str, gold: str, timeout: int = 5) -> float:
+    """1.0 if the last \\boxed{} of the response is equivalent to the gold answer, else 0.0 (also when there
+    is no boxed answer). Equivalence is math-verify's (fractions, LaTeX forms, intervals, sets, units...),
+    with each parse and comparison bounded by `timeout` seconds so grading cannot hang."""
+    from math_verify import parse, verify
+
+    pred = extract_boxed(response)
+    if pred is None:
+        return 0.0
+    if pred.replace(" ", "") == gold.replace(" ", ""):
+        return 1.0
+    try:
+        ok = verify(parse("\\boxed{" + gold + "}", parsing_timeout=timeout),
+                    parse("\\boxed{" + pred + "}", parsing_timeout=timeout), timeout_seconds=timeout)
+    except Exception:                               # a malformed answer is a wrong answer
+        return 0.0
+    return float(bool(ok))
+
+
+def load_problems(name: str, limit: int = 0) -> list[dict]:
+    """Problems {question, answer} of a named dataset (DATASETS, from the hub) or a local file."""
+    from datasets import load_dataset
+
+    path = Path(name)
+    if path.suffix in (".json", ".jsonl", ".parquet"):
+        if not path.is_file():
+            raise UsageError(f"no such dataset file: {name}")
+        ds = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
+        fields = next((f for f in LOCAL_FIELDS if set(f) <= set(ds.column_names)), None)
+        if fields is None:
+            missing = "question" if not {"question", "problem"} & set(ds.column_names) else "answer"
+            raise UsageError(f"{name} has no {missing!r} field (nor {'problem' if missing == 'question' else 'solution'!r}); "
+                             f"columns found: {', '.join(ds.column_names)}")
+    elif name in DATASETS:
+        hub_id, config, split, *fields = DATASETS[name]
+        try:
+            ds = load_dataset(hub_id, config, split=split)
+        except Exception as e:
+            raise UsageError(f"cannot load dataset {name!r} ({hub_id}) from the hub ({type(e).__name__}); "
+                             f"save it as a local JSON/JSONL/Parquet file and pass its path") from None
+        for f in fields:
+            if f not in ds.column_names:
+                raise UsageError(f"{hub_id} has no {f!r} field; columns found: {', '.join(ds.column_names)}")
+    else:
+        raise UsageError(f"unknown dataset {name!r}: not one of {', '.join(['toy', *DATASETS])} "
+                         f"and not a .json/.jsonl/.parquet file")
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    question, answer = fields
+    return [math_problem(q, a) for q, a in zip(ds[question], ds[answer])]
 
 
 # ======================================================================================================
@@ -834,6 +924,7 @@ class TraceBatch:
     sample: torch.Tensor         # (M,) which rollout sample
     token: torch.Tensor          # (M,) index of the token in its response
     round: torch.Tensor          # (M,) trace round (0-based)
+    step: torch.Tensor           # (M,) denoising step at which the sampler committed the target
     sampler_logp: torch.Tensor   # (M,) log-prob the sampler saw
 
 
@@ -841,7 +932,7 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
                       shrink: int, mask_id: int) -> TraceBatch:
     """Trace rounds of the chosen samples laid out for training. The layout uses the rollout's own offset,
     so every noisy block sees exactly what the sampler saw when it committed the targets."""
-    ids, pos, noisy, cols, labels, sample, token, rnd, lps, counts = [], [], [], [], [], [], [], [], [], []
+    ids, pos, noisy, cols, labels, sample, token, rnd, steps, lps, counts = [], [], [], [], [], [], [], [], [], [], []
     for j in samples:
         g = gens[j]
         response = torch.tensor(g.ids)
@@ -858,11 +949,12 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
         sample.append(torch.full_like(i, j))
         token.append(i)
         rnd.append(r)
+        steps.append(torch.tensor(g.step_map)[i])
         lps.append(torch.tensor(g.logprobs)[i])
     counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
     cat = lambda xs, dtype=torch.long: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
     return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
-                      cat(cols), cat(labels), cat(sample), cat(token), cat(rnd), cat(lps, torch.float))
+                      cat(cols), cat(labels), cat(sample), cat(token), cat(rnd), cat(steps), cat(lps, torch.float))
 
 
 def score_sequences(model, value_head, tb: TraceBatch, seqs: Sequence[int], micro_batch: int, block_size: int,
@@ -1029,47 +1121,52 @@ def rl_step(model, value_head, opt, tokenizer, problems: Sequence[dict], reward_
     # 2. the states the sampler visited, as training sequences
     tb = build_trace_batch(prompts, gens, kept, block_size, offset, cfg.shrink, mask_id)
     seqs = list(range(len(tb.ids)))
-    if dist_sum(len(seqs)) == 0:                 # no prompt with signal anywhere: nothing to learn from
+    M = len(tb.label)
+    stats.update(traj_gap=0.0, explained_var=0.0, clip_frac=0.0, approx_kl=0.0, value_loss=0.0)
+    if dist_sum(M) == 0:                         # no prompt with signal on any process: nothing to learn
         return {**stats, "seconds": time.time() - t0}
 
     # 3. old log-probs and values: the pre-update weights, the same layout
-    M = len(tb.label)
     logp_old, v_old = torch.zeros(M), torch.zeros(M)
     with torch.no_grad(), autocast(cfg, dev):
         for tgt, logp, values in score_sequences(model, value_head, tb, seqs, cfg.micro_batch, block_size,
                                                  offset, pad_id):
             logp_old[tgt], v_old[tgt] = logp.float().cpu(), values.float().cpu()
-    stats["traj_gap"] = (logp_old - tb.sampler_logp).abs().max().item() if M else 0.0
+    if M:
+        stats["traj_gap"] = (logp_old - tb.sampler_logp).abs().max().item()
 
-    # 4. advantages per target token
+    # 4. advantages per target token: GAE over each sample's denoising steps (TraceRL) or the sample's
+    #    group advantage on every token (CJ-GRPO)
     if cfg.advantage == "gae":
-        rows = {j: n for n, j in enumerate(kept)}
-        r = torch.tensor([rows[int(j)] for j in tb.sample]) if M else torch.zeros(0, dtype=torch.long)
-        L = max(len(gens[j].ids) for j in kept)
-        step = torch.zeros(len(kept), L, dtype=torch.long)
-        step[r, tb.token] = torch.tensor([gens[int(j)].step_map[int(i)] for j, i in zip(tb.sample, tb.token)])
-        last = step.max(1, keepdim=True).values                                   # each sample's final step
-        z = adv_sample.flatten()[kept][:, None]                                   # (kept, 1)
-        token_r = torch.where(step == last, z, 0.0)                               # reward on the last step
-        values = torch.zeros(len(kept), L)
-        values[r, tb.token] = v_old
-        adv_tok, ret_tok = gae_over_steps(token_r, values, step, cfg.gamma, cfg.gae_lambda)
-        adv, ret = adv_tok[r, tb.token], ret_tok[r, tb.token]
-        stats["explained_var"] = (1 - (ret - v_old).var() / ret.var().clamp(min=1e-8)).item() if M > 1 else 0.0
+        adv, ret = torch.zeros(M), torch.zeros(M)
+        if M:                                    # (a process can hold no kept sample while others do)
+            row = torch.full((len(gens),), -1, dtype=torch.long)
+            row[kept] = torch.arange(len(kept))
+            r = row[tb.sample]                                                    # (M,) row of the target's sample
+            step = torch.zeros(len(kept), int(tb.token.max()) + 1, dtype=torch.long)
+            step[r, tb.token] = tb.step                                           # (kept, L) step maps, 0 = none
+            values = torch.zeros(step.shape)
+            values[r, tb.token] = v_old
+            last = step.max(1, keepdim=True).values                               # each sample's final step
+            token_r = torch.where(step == last, adv_sample.flatten()[kept][:, None], 0.0)  # outcome, last step
+            adv_tok, ret_tok = gae_over_steps(token_r, values, step, cfg.gamma, cfg.gae_lambda)
+            adv, ret = adv_tok[r, tb.token], ret_tok[r, tb.token]
+        if M > 1:
+            stats["explained_var"] = (1 - (ret - v_old).var() / ret.var().clamp(min=1e-8)).item()
     else:
         adv, ret = adv_sample.flatten()[tb.sample], None
     weights = token_weights(tb, cfg.advantage)
 
-    # 5. PPO update: --minibatches optimizer steps over a shuffled split of the sequences
+    # 5. PPO update: --minibatches optimizer steps, each on a shuffled share of the sequences
     model.train()
     order = torch.randperm(len(seqs), generator=generator).tolist()
     clipped, kls, vlosses = [], [], []
-    for mb in np.array_split(np.array(order), cfg.minibatches):
+    for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches):
         mb = mb.tolist()
-        tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb]) if mb else \
-            torch.zeros(0, dtype=torch.long)
-        norm = dist_sum(weights[tgt_all].sum().item())
-        n_tok = dist_sum(len(tgt_all))
+        tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb] or
+                            [torch.zeros(0, dtype=torch.long)])
+        norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)               # over all processes
+        n_tok = max(dist_sum(len(tgt_all)), 1)
         opt.zero_grad(set_to_none=True)
         with autocast(cfg, dev):
             for tgt, logp, values in score_sequences(model, value_head, tb, mb, cfg.micro_batch, block_size,
@@ -1087,11 +1184,11 @@ def rl_step(model, value_head, opt, tokenizer, problems: Sequence[dict], reward_
         all_reduce_grads(model, value_head)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-    stats.update(clip_frac=torch.cat(clipped).float().mean().item(), approx_kl=torch.cat(kls).mean().item(),
-                 seconds=time.time() - t0)
+    if clipped:
+        stats.update(clip_frac=torch.cat(clipped).float().mean().item(), approx_kl=torch.cat(kls).mean().item())
     if vlosses:
         stats["value_loss"] = torch.cat(vlosses).mean().item()
-    return stats
+    return {**stats, "seconds": time.time() - t0}
 
 
 # ======================================================================================================
@@ -1249,6 +1346,36 @@ def dist_sum(x: float) -> float:
     return t.item()
 
 
+def weights_digest(*modules) -> str:
+    """sha256 of every parameter's bytes: equal on all processes iff their weights are identical."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in (p for m in modules for p in m.parameters()):
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_in_sync(*modules) -> list[str]:
+    """The weight digest of every process; stops with a clear error if they have drifted apart."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return [weights_digest(*modules)]
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, weights_digest(*modules))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"processes hold different weights after a stage: {digests}")
+    return digests
+
+
+def memory_estimate(model) -> str:
+    """What full fine-tuning needs beside activations, from the parameter count: fp32 master weights,
+    fp32 gradients, AdamW's two fp32 moments, and the bf16 copy autocast makes for the forward."""
+    n = sum(p.numel() for p in model.parameters())
+    gb = n / 2 ** 30
+    return (f"{n / 1e9:.2f} B parameters -> weights {4 * gb:.1f} GB + gradients {4 * gb:.1f} GB + AdamW state "
+            f"{8 * gb:.1f} GB + bf16 forward copy {2 * gb:.1f} GB = {18 * gb:.1f} GB per GPU, plus activations")
+
+
 def all_reduce_grads(*modules) -> None:
     """Sum gradients over processes. Each process's loss is already divided by the global token count,
     so the sum is the gradient of the global mean (what DDP computes, without wrapping the model)."""
@@ -1265,12 +1392,26 @@ def all_reduce_grads(*modules) -> None:
 
 
 def load_task(cfg: Config):
-    """(train problems, {name: test problems}, reward function). Problems are dicts question/answer."""
-    splits = toy_splits(cfg.train_size, cfg.test_size, cfg.seed)
-    test = splits["test"].to_list()
-    if cfg.eval_limit:
-        test = test[: cfg.eval_limit]
-    return splits["train"].to_list(), {"toy": test}, lambda response, problem: toy_reward(response, problem["question"])
+    """(train problems, {name: evaluation problems}, reward function); problems are dicts question/answer.
+    The toy is graded by its rules, everything else as math (grade)."""
+    def problems(name: str, split: str, limit: int = 0) -> list[dict]:
+        if name != "toy":
+            return load_problems(name, limit)
+        rows = [{**p, "task": "toy"} for p in toy_splits(cfg.train_size, cfg.test_size, cfg.seed)[split]]
+        return rows[:limit] if limit else rows
+
+    def reward(response: str, problem: dict) -> float:
+        if problem["task"] == "toy":
+            return toy_reward(response, problem["question"])
+        return grade(response, problem["answer"])
+
+    names = [n.strip() for n in cfg.eval_datasets.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--eval-datasets is empty")
+    evals = {Path(n).stem if Path(n).suffix else n: problems(n, "test", cfg.eval_limit) for n in names}
+    needs_train = not cfg.eval_only or is_architecture_file(cfg.model)          # training, or the warm start
+    train = problems(cfg.train_dataset, "train") if needs_train else []
+    return train, evals, reward
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------
@@ -1311,7 +1452,7 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
     path = out / "warmstart"
     settings = dict(config=json.loads(Path(cfg.model).read_text()), seed=cfg.seed, steps=cfg.warm_start_steps,
                     batch=cfg.warm_start_batch, lr=cfg.warm_start_lr, block_size=cfg.block_size,
-                    train_size=cfg.train_size)
+                    train_size=cfg.train_size, test_size=cfg.test_size)
     info_file = path / "tstar.json"
     if not (info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings):
         if is_main():
@@ -1544,6 +1685,8 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
         evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if is_main():
+        print("memory estimate: " + memory_estimate(model))
     rank, size = world()
     for k in range(done, len(plan)):
         B, offsets = plan[k]
@@ -1557,7 +1700,7 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
             stats = rl_step(model, value_head, opt, tokenizer, problems, reward_fn, cfg, B, offset, generator)
             global_step = k * cfg.steps_per_stage + step + 1
             record = dict(kind="train", stage=stage, block_size=B, offset=offset, stage_step=step, step=global_step,
-                          **{key: dist_sum(v) / size for key, v in stats.items()})
+                          **{key: dist_sum(stats[key]) / size for key in sorted(stats)})   # same order everywhere
             log.write(record)
             if is_main():
                 print(f"stage {stage} B={B:<2d} off={offset:<2d} step {global_step:4d} | "
@@ -1568,10 +1711,11 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
                       f"gap {record.get('traj_gap', 0):.1e} | {record['seconds']:.1f}s", flush=True)
         evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
                        stage * cfg.steps_per_stage)
+        digests = check_in_sync(model, value_head)
         if is_main():
             save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
                             info=dict(task=cfg.train_dataset, stage=stage, block_size=B, plan=plan,
-                                      config=dataclasses.asdict(cfg)))
+                                      config=dataclasses.asdict(cfg), weights_sha256_per_process=digests))
         barrier()
     if is_main():
         table = results_table(log.records, cfg)
@@ -1589,6 +1733,8 @@ def run(cfg: Config) -> None:
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
+    if cfg.prompts_per_step < world()[1] and not cfg.eval_only:
+        raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} is less than the {world()[1]} processes")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if is_main():
