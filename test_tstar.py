@@ -505,3 +505,227 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, tiny_warm_
     assert len(train) == 4                                           # one line per step, written by rank 0 only
     start, end = weights(tmp_path / "warmstart"), weights(tmp_path / "stage2-B8")
     assert any(not torch.equal(start[k], end[k]) for k in start)    # the ranks trained, and stayed identical
+
+
+GRADING = [  # (response, gold, expected verdict)
+    ("so \\boxed{\\frac{1}{2}}", "1/2", 1.0),
+    ("\\boxed{0.5}", "\\frac12", 1.0),
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", 1.0),
+    ("\\boxed{\\tfrac{3}{4}}", "0.75", 1.0),
+    ("\\boxed{2/3}", "\\frac{3}{4}", 0.0),
+    ("\\boxed{30^\\circ}", "30", 1.0),
+    ("\\boxed{30^{\\circ}}", "30^\\circ", 1.0),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\sqrt{2}/2", 1.0),
+    ("\\boxed{2\\sqrt{3}}", "\\sqrt{12}", 1.0),
+    ("\\boxed{\\sqrt{3}}", "\\sqrt{2}", 0.0),
+    ("\\boxed{[0, 1)}", "[0,1)", 1.0),
+    ("\\boxed{(0,1]}", "[0,1)", 0.0),
+    ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]", 1.0),
+    ("\\boxed{(1, 2)}", "(1,2)", 1.0),
+    ("\\boxed{(2, 1)}", "(1,2)", 0.0),
+    ("\\boxed{\\text{Monday}}", "Monday", 1.0),
+    ("\\boxed{Tuesday}", "\\text{Monday}", 0.0),
+    ("\\boxed{1,000}", "1000", 1.0),
+    ("\\boxed{12,345}", "12345", 1.0),
+    ("\\boxed{x = 5}", "5", 1.0),
+    ("\\boxed{-3}", "-3.0", 1.0),
+    ("\\boxed{3}", "-3", 0.0),
+    ("\\boxed{2\\pi}", "2 \\pi", 1.0),
+    ("\\boxed{a+b}", "b+a", 1.0),
+    ("\\boxed{\\frac{a}{b}}", "\\frac{b}{a}", 0.0),
+    ("\\boxed{\\frac{\\frac{1}{2}}{3}}", "\\frac{1}{6}", 1.0),                    # nested braces
+    ("\\boxed{\\{1, 2\\}}", "\\{2,1\\}", 1.0),
+    ("first \\boxed{4}, on reflection \\boxed{5}", "5", 1.0),                 # the last box wins
+    ("first \\boxed{5}, on reflection \\boxed{4}", "5", 0.0),
+    ("The answer is 5.", "5", 0.0),                                           # no box, no credit
+    ("\\boxed{5", "5", 0.0),                                                  # cut inside the box
+    ("\\boxed{}", "5", 0.0),
+    ("\\boxed{10\\%}", "10", 1.0),
+    ("\\boxed{1 \\text{ cm}}", "1", 1.0),
+    ("\\boxed{18}", tstar.gold_answer("She pays 3 * 6 = <<3*6=18>>18 dollars.\n#### 18"), 1.0),  # GSM8K gold
+    ("\\boxed{1200}", tstar.gold_answer("so 1,200 in all\n#### 1,200"), 1.0),
+    ("\\boxed{17}", tstar.gold_answer("#### 18"), 0.0),
+    ("\\boxed{\\frac{1}{3}}", tstar.gold_answer("Thus it is $\\boxed{\\frac13}$."), 1.0),  # MATH gold
+]
+
+
+@pytest.mark.parametrize("response,gold,verdict", GRADING)
+def test_grading_hand_written_cases(response, gold, verdict):
+    assert tstar.grade(response, gold) == verdict
+
+
+def test_extract_boxed_keeps_nested_braces_and_takes_the_last():
+    assert tstar.extract_boxed("a \\boxed{1} b \\boxed{\\frac{x^{2}}{y}} c") == "\\frac{x^{2}}{y}"
+    assert tstar.extract_boxed("no box here") is None
+
+
+def write_problems(path, rows):
+    path = Path(path)
+    if path.suffix == ".parquet":
+        from datasets import Dataset
+        Dataset.from_list(rows).to_parquet(str(path))
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    return str(path)
+
+
+GSM8K_ROWS = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have?",
+               "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+              for a, b in ((3, 4), (10, 5), (7, 7), (1200, 34))]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".parquet"])
+def test_local_dataset_files_load_and_are_normalised(tmp_path, suffix):
+    problems = tstar.load_problems(write_problems(tmp_path / f"gsm{suffix}", GSM8K_ROWS))
+    assert [p["answer"] for p in problems] == ["7", "15", "14", "1234"]
+    assert all(p["question"].endswith("\\boxed{}.") and p["task"] == "math" for p in problems)
+    math_rows = [{"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$."}]
+    assert tstar.load_problems(write_problems(tmp_path / f"math{suffix}", math_rows))[0]["answer"] == "2"
+    assert len(tstar.load_problems(write_problems(tmp_path / f"lim{suffix}", GSM8K_ROWS), limit=2)) == 2
+
+
+def test_a_dataset_without_the_expected_field_is_a_clear_error(tmp_path, capsys):
+    bad = write_problems(tmp_path / "bad.jsonl", [{"prompt": "1+1?", "answer": "2"}])
+    with pytest.raises(tstar.UsageError, match="no 'question' field.*columns found: prompt, answer"):
+        tstar.load_problems(bad)
+    assert tstar.main(["--eval-only", "--eval-datasets", bad, "--out-dir", str(tmp_path)]) == 2
+    assert "columns found" in capsys.readouterr().err
+    assert tstar.main(["--eval-only", "--eval-datasets", "no-such-set", "--out-dir", str(tmp_path)]) == 2
+    assert "unknown dataset 'no-such-set'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="../shared/fixtures/sdar-tiny is absent (a user's clone has no ../shared)")
+def test_full_scale_pipeline_on_the_sdar_fixture(tmp_path):
+    """The checkpoint path end to end: SDAR-format model and tokenizer, chat-template prompts from a local
+    GSM8K-format file, one RL step at B=4 then one at B=8, evaluation, checkpoints; reload gives equal logits."""
+    data = write_problems(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    out = tmp_path / "run"
+    argv = ["--model", str(FIXTURE), "--device", "cpu", "--train-dataset", data, "--eval-datasets", data,
+            "--block-sizes", "4,8", "--steps-per-stage", "1", "--prompts-per-step", "2", "--group-size", "2",
+            "--max-new-tokens", "16", "--eval-samples", "2", "--eval-batch", "4", "--acc-band", "0,1",
+            "--out-dir", str(out)]
+    assert tstar.main(argv) == 0
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert {(r["stage"], r["block_size"]) for r in evals} == {(s, B) for s in (0, 1, 2) for B in (4, 8)}
+    assert all(r["problems"] == 4 and "pass@2" in r for r in evals)
+    saved = out / "stage2-B8"
+    model, tok = tstar.load_model_and_tokenizer(str(saved))
+    assert tok.mask_token_id == 151669 and (saved / "value_head.safetensors").is_file()
+    again, _ = tstar.load_model_and_tokenizer(str(saved))
+    ids = torch.tensor([tstar.encode_prompt(tok, "What is 2+2?")])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    # and a save/reload round trip of the loaded model itself
+    tstar.save_checkpoint(tmp_path / "copy", model, tok)
+    copy, _ = tstar.load_model_and_tokenizer(str(tmp_path / "copy"))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, copy(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------------------------------------ EOSER, ASS, CJ-GRPO
+
+
+def test_ass_step_quotas_hand_worked():
+    q = tstar.step_quotas(torch.tensor([4, 8, 32, 5, 1]), 99, "ass")
+    assert [row[row > 0].tolist() for row in q] == [[1, 3], [1, 2, 5], [1, 2, 4, 8, 17], [1, 2, 2], [1]]
+
+
+@pytest.mark.parametrize("B", [4, 8, 12, 32])
+def test_ass_never_takes_more_steps_than_its_schedule(tiny, B):
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, block_size=B, remasking="ass", max_new_tokens=40,
+                                                         temperature=1.0), generator=torch.Generator().manual_seed(0))
+    for g in gens:
+        blocks = tstar.block_index(g.prompt_len + torch.arange(len(g.ids)), B)
+        for b in blocks.unique():
+            in_block = blocks == b
+            steps = torch.tensor(g.step_map)[in_block].unique()
+            assert len(steps) <= max(1, math.ceil(math.log2(int(in_block.sum()))))
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in model whose logits depend only on the position: logits[p] = table[p]."""
+
+    def __init__(self, table):
+        super().__init__()
+        from types import SimpleNamespace
+        self.config = SimpleNamespace(max_position_embeddings=table.shape[0])
+        self.lm_head = torch.nn.Linear(table.shape[0], table.shape[1], bias=False)
+        self.lm_head.weight.data = table.T.clone()
+        self.model = lambda input_ids, position_ids, **kw: SimpleNamespace(
+            last_hidden_state=torch.nn.functional.one_hot(position_ids, table.shape[0]).float())
+
+
+def eos_first_case():
+    """Prompt of 4 tokens, one block of 4: position 5 would be an eos committed first (confidence 0.95)."""
+    V, eos = 6, 5
+    table = torch.full((8, V), -20.0)
+    for pos, tok, p in ((4, 1, 0.6), (5, eos, 0.95), (6, 2, 0.7), (7, 3, 0.8)):
+        table[pos, tok] = math.log(p)
+        table[pos, 4] = math.log(1 - p)               # the rest of the mass on a filler token
+    return FixedLogits(table), eos
+
+
+def test_eoser_with_gamma_one_changes_nothing(tiny):
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+    plain = tstar.generate(model, prompts, **sample_kwargs(tok))
+    eoser = tstar.generate(model, prompts, **sample_kwargs(tok), eoser=(1.0, 1.0))
+    assert [(g.ids, g.step_map) for g in plain] == [(g.ids, g.step_map) for g in eoser]
+
+
+def test_eoser_commits_an_early_eos_candidate_later():
+    model, eos = eos_first_case()
+    kw = dict(mask_id=0, stop_ids=[eos], block_size=4, steps=4, remasking="static", max_new_tokens=4,
+              kv_cache=False)
+    plain = tstar.generate(model, [[1, 2, 3, 1]], **kw)[0]
+    late = tstar.generate(model, [[1, 2, 3, 1]], **kw, eoser=(0.1, 1.0))[0]
+    assert plain.ids == late.ids == [1, eos, 2, 3]                 # the same tokens ...
+    assert plain.step_map == [4, 1, 3, 2]                          # eos (0.95) first without EOSER
+    assert late.step_map == [4, 3, 2, 1]                           # ... with EOSER: 0.8, 0.7, then eos (0.95 x 0.7)
+
+
+def test_group_advantages_are_mean_centred_without_a_value():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]])
+    adv, keep = tstar.group_advantages(rewards, "group")
+    assert adv.tolist() == [[0.75, -0.25, -0.25, -0.25], [0.25, 0.25, -0.75, 0.25]] and keep.all()
+
+
+def test_group_weights_average_within_each_round_then_over_rounds_and_samples():
+    tb = tstar.TraceBatch([], [], [], torch.zeros(1), *(torch.zeros(6, dtype=torch.long) for _ in range(2)),
+                          sample=torch.tensor([0, 0, 0, 1, 1, 1]), token=torch.arange(6),
+                          round=torch.tensor([0, 0, 1, 0, 0, 0]), step=torch.zeros(6, dtype=torch.long),
+                          sampler_logp=torch.zeros(6))
+    w = tstar.token_weights(tb, "group")
+    # sample 0: round 0 has two tokens, round 1 one; sample 1: one round of three tokens
+    assert torch.allclose(w, torch.tensor([1 / 8, 1 / 8, 1 / 4, 1 / 6, 1 / 6, 1 / 6]))
+    assert torch.allclose(tstar.token_weights(tb, "gae"), torch.full((6,), 1 / 6))
+
+
+def test_one_cj_grpo_step_changes_the_policy_and_trains_no_value(every_token_stops):
+    torch.manual_seed(0)
+    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
+    head = tstar.new_value_head(model)
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 1e-3}, {"params": head.parameters(), "lr": 1e-2}])
+    before = [p.detach().clone() for p in model.parameters()]
+    problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
+    stats = tstar.rl_step(model, head, opt, tok, problems, text_parity_reward, rl_config(advantage="group"), 4, 0,
+                          torch.Generator().manual_seed(0))
+    assert stats["kept"] > 0 and stats["value_loss"] == 0.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert head.weight.abs().sum() == 0                              # no value loss, no value update
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eoser-gamma-min", "0"], "(0, 1]"),
+    (["--eoser-gamma-max", "1.5"], "(0, 1]"),
+    (["--eoser-gamma-min", "0.9", "--eoser-gamma-max", "0.5"], "larger than"),
+    (["--remasking", "greedy"], "--remasking"),
+])
+def test_bad_eoser_and_remasking_settings_are_clear_errors(tmp_path, capsys, argv, message):
+    assert tstar.main(argv + ["--out-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err

@@ -96,7 +96,8 @@ class Config:
     steps_per_block: int | None = None
     """K, denoising steps per block (default: K = B)"""
     remasking: str = "dynamic"
-    """static: commit the step's quota by confidence; dynamic: also every token above tau"""
+    """static: commit the step's quota by confidence; dynamic: also every token above tau; ass: 1, 2, 4, ...
+    tokens per step (section 5)"""
     threshold: float = 0.9
     """tau, the confidence threshold of dynamic remasking"""
     temperature: float = 0.0
@@ -107,6 +108,12 @@ class Config:
     """nucleus sampling: smallest set of tokens with this much probability (1 = off)"""
     max_new_tokens: int = 64
     """length limit of a response; a response cut by it scores 0"""
+    eoser: bool = False
+    """EOSER (section 5): scale the confidence of stop-token candidates so that the end comes late"""
+    eoser_gamma_min: float = 0.4
+    """EOSER's factor at a block's first step"""
+    eoser_gamma_max: float = 1.0
+    """EOSER's factor at a block's last step"""
 
     # --- data ---
     train_size: int = 20000
@@ -550,9 +557,16 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
 #     every masked position, and a commit of some positions:
 #         static   the step's quota n_s of most confident positions,
 #         dynamic  every position with confidence > tau, or the n_s most confident if fewer pass,
-#         ass      (section 12) 2^s positions at step s, the rest at the last step.
+#         ass      2^s positions at step s, the rest at the last step (below).
 #   * When the block is full, one more forward stores its keys and values (not counted in NFE).
 #   * A row stops after the block in which it produced a stop id, or at the length limit.
+#
+# Two schedules of the CJ-GRPO paper (arXiv 2509.23924, design.md section 7) plug into the same loop:
+#   * ASS (--remasking ass): a block with m masked positions takes ceil(log2 m) steps; step s commits the
+#     2^s most confident positions and the last step all that remain (B=8: 1, 2, 5). K is not used.
+#   * EOSER (--eoser): at step s of the n steps a block plans, the confidence of every candidate that is a
+#     stop token is multiplied by g_s = g_min + (g_max - g_min) s / (n - 1), so the end of the answer is
+#     committed late. It changes which positions are committed, never the sampled tokens.
 #
 # Rows of different prompt lengths share a batch by left padding: row i is shifted right by pad_i so
 # that every row's first decoded block starts at the same padded index D, which keeps all block
@@ -641,8 +655,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
     """Decode a response for every prompt (lists of token ids); one Generation per prompt, in order.
 
     block_size B, steps K (default B), remasking static/dynamic/ass, threshold tau, offset of the block
-    boundaries (0 <= offset < B), eoser = (gamma_min, gamma_max) to scale stop-token confidences
-    (section 12), kv_cache=False recomputes the whole sequence at every step (for checks and benchmarks)."""
+    boundaries (0 <= offset < B), eoser = (gamma_min, gamma_max) to scale stop-token confidences (EOSER),
+    kv_cache=False recomputes the whole sequence at every step (for checks and benchmarks)."""
     B, K = block_size, steps or block_size
     if not 0 <= offset < B:
         raise UsageError(f"offset must be in [0, {B}), got {offset}")
@@ -1271,6 +1285,10 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         (cfg.eval_samples >= 1, f"--eval-samples must be >= 1, got {cfg.eval_samples}"),
         (cfg.shrink >= 1, f"--shrink must be >= 1, got {cfg.shrink}"),
         (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16"),
+        (0 < cfg.eoser_gamma_min <= 1 and 0 < cfg.eoser_gamma_max <= 1,
+         f"EOSER gammas must be in (0, 1], got {cfg.eoser_gamma_min} and {cfg.eoser_gamma_max}"),
+        (cfg.eoser_gamma_min <= cfg.eoser_gamma_max,
+         f"--eoser-gamma-min {cfg.eoser_gamma_min} is larger than --eoser-gamma-max {cfg.eoser_gamma_max}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -1315,7 +1333,8 @@ def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool
     return dict(mask_id=tokenizer.mask_token_id, stop_ids=stop_token_ids(model, tokenizer), block_size=block_size,
                 steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
                 temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
-                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
 
 
 def encode_prompt(tokenizer, question: str, cfg: Config | None = None) -> list[int]:
@@ -1371,8 +1390,8 @@ def memory_estimate(model) -> str:
     """What full fine-tuning needs beside activations, from the parameter count: fp32 master weights,
     fp32 gradients, AdamW's two fp32 moments, and the bf16 copy autocast makes for the forward."""
     n = sum(p.numel() for p in model.parameters())
-    gb = n / 2 ** 30
-    return (f"{n / 1e9:.2f} B parameters -> weights {4 * gb:.1f} GB + gradients {4 * gb:.1f} GB + AdamW state "
+    gb = n / 1e9
+    return (f"{gb:.2f} B parameters -> weights {4 * gb:.1f} GB + gradients {4 * gb:.1f} GB + AdamW state "
             f"{8 * gb:.1f} GB + bf16 forward copy {2 * gb:.1f} GB = {18 * gb:.1f} GB per GPU, plus activations")
 
 
@@ -1683,8 +1702,8 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
     log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
     if done == 0:
         evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.grad_checkpointing:                   # (the method's name changed in transformers 5.x)
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     if is_main():
         print("memory estimate: " + memory_estimate(model))
     rank, size = world()
@@ -1761,7 +1780,7 @@ def run(cfg: Config) -> None:
         evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
         if is_main():
             columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
-                       (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"),
+                       (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"), ("nfe", "NFE"),
                        ("local_strict", "LocalStrict"), ("length", "mean length"), ("tokens_per_s", "tokens/s")]
             table = format_table(log.records, columns)
             (out / "eval.json").write_text(json.dumps(log.records, indent=1))
