@@ -25,19 +25,35 @@ Glossary (used in names and comments throughout):
               tokens" are the tokens up to and including the first stop token.
     trace round  one training state rebuilt from the step map (section 7).
 
-Where this file departs from the papers (choices made where they are silent, or simplifications):
+Where this file departs from the papers (choices made where they are silent, and simplifications):
     * The model is transformers' own Qwen3ForCausalLM with a 4D block mask; SDAR checkpoints load into it
       unchanged (their weights are Qwen3's). No trust_remote_code, no flash-attn.
-    * The tiny model uses a character-level tokenizer and a toy task (section 3) instead of math, so that
-      the whole method runs on a laptop CPU. Its "AR-initialised small-block model" is a short
-      block-diffusion SFT at B=4 with SDAR's loss (section 6).
-    * Step quotas: a block with m masked positions and a budget of K steps uses min(K, m) steps, so every
-      step commits at least one token (SDAR would spend a forward that commits nothing when m < K).
-      The first block of a row (shared with the prompt's tail) and a block cut by the length limit
-      have fewer masked positions than B; their quotas are computed from that count.
-    * Confidence of a sampled candidate is its probability under the sampling distribution (after
-      temperature, top-k and top-p); greedy uses softmax(logits)[argmax]. The log-probability recorded
-      for training is that of the model's untempered distribution, which is what the trainer computes.
+    * The tiny model uses a character tokenizer and a toy task (section 3) instead of math, so that the
+      whole method runs on a laptop CPU. Its "AR-initialised small-block model" is a short block-diffusion
+      SFT at B=4 with SDAR's loss (section 6), without an AR stage.
+    * Sampler: a block with m masked positions and a budget of K steps uses min(K, m) steps, so every step
+      commits at least one token (SDAR would spend a forward that commits nothing when m < K). The first
+      block (shared with the prompt's tail) and a block cut by the length limit have fewer than B masked
+      positions; their quotas, ASS's schedule and EOSER's step fraction are computed from that count. The
+      mask token is never a candidate. A candidate's confidence is its probability under the sampling
+      distribution (after temperature, top-k, top-p); greedy uses softmax(logits)[argmax]. The log-prob
+      recorded for training is under the model's own untempered distribution, which the trainer computes.
+    * Training layout: the noisy copy starts at the block that holds the first response token, so it
+      carries the prompt's tail exactly as the sampler's first block did, at the rollout's own offset (the
+      reference trainer counts blocks from the response start and drifts from the sampler). Every decoded
+      token is trained, the stop token and the rest of its block included (the reference never trains eos).
+    * TraceRL's value model is a linear value head on the policy's detached final hidden states, with its
+      own learning rate (section 8). Rewards are z-scored per group and placed on the last step's tokens;
+      groups whose rewards all agree are dropped. The policy loss is a mean over target tokens (not over a
+      padded length); CJ-GRPO's is a mean per trace round, then over rounds and samples.
+    * Each RL step makes --minibatches (default 2) PPO updates on a shuffled split of its sequences, with
+      old log-probs and values from one no-grad pass at the pre-update weights.
+    * T*: "shifted boundaries" is read as offset B/2 for both the rollout and the training layout of half of
+      a stage's batches, spread evenly over the stage; evaluation uses offset 0. The direct baseline has as
+      many stages and steps as T*, all at the last block size, with the optimizer rebuilt per stage too.
+    * Full scale: fp32 master weights with bf16 autocast and plain AdamW; under torchrun, gradients are
+      summed over processes by hand (DDP's arithmetic without wrapping the model). No FSDP: a model whose
+      weights, gradients and optimizer state do not fit one GPU (SDAR-4B on 80 GB) is not supported.
 """
 
 from __future__ import annotations
@@ -53,7 +69,7 @@ import random
 import sys
 import textwrap
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -1271,7 +1287,7 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         (0.0 <= cfg.shift_fraction <= 1.0, f"--shift-fraction must be in [0, 1], got {cfg.shift_fraction}"),
         (cfg.steps_per_block is None or cfg.steps_per_block >= 1,
          f"--steps-per-block must be positive, got {cfg.steps_per_block}"),
-        (cfg.remasking in ("static", "dynamic", "ass"), f"--remasking must be static, dynamic or ass"),
+        (cfg.remasking in ("static", "dynamic", "ass"), "--remasking must be static, dynamic or ass"),
         (cfg.advantage in ("gae", "group"), f"--advantage must be gae or group, got {cfg.advantage!r}"),
         (cfg.micro_batch >= 1, f"--micro-batch must be >= 1, got {cfg.micro_batch}"),
         (cfg.minibatches >= 1, f"--minibatches must be >= 1, got {cfg.minibatches}"),
@@ -1284,7 +1300,7 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         (cfg.top_k >= 0, f"--top-k must be >= 0, got {cfg.top_k}"),
         (cfg.eval_samples >= 1, f"--eval-samples must be >= 1, got {cfg.eval_samples}"),
         (cfg.shrink >= 1, f"--shrink must be >= 1, got {cfg.shrink}"),
-        (cfg.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be auto, float32 or bfloat16"),
+        (cfg.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
         (0 < cfg.eoser_gamma_min <= 1 and 0 < cfg.eoser_gamma_max <= 1,
          f"EOSER gammas must be in (0, 1], got {cfg.eoser_gamma_min} and {cfg.eoser_gamma_max}"),
         (cfg.eoser_gamma_min <= cfg.eoser_gamma_max,
