@@ -353,15 +353,22 @@ def every_token_stops(monkeypatch):
     monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tok: list(range(model.config.vocab_size)))
 
 
-def test_one_rl_step_changes_the_policy_and_the_value_head(every_token_stops):
+def one_rl_step(reward_fn, **config):
+    """A fresh tiny model and value head, one rl_step on three prompts; returns them, the weights before, stats."""
     torch.manual_seed(0)
     model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
     head = tstar.new_value_head(model)
-    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 1e-3}, {"params": head.parameters(), "lr": 1e-2}])
+    cfg = rl_config(**config)
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
+                             {"params": head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
-    stats = tstar.rl_step(model, head, opt, tok, problems, text_parity_reward, rl_config(), 4, 0,
-                          torch.Generator().manual_seed(0))
+    stats = tstar.rl_step(model, head, opt, tok, problems, reward_fn, cfg, 4, 0, torch.Generator().manual_seed(0))
+    return model, head, before, stats
+
+
+def test_one_rl_step_changes_the_policy_and_the_value_head(every_token_stops):
+    model, head, before, stats = one_rl_step(text_parity_reward)
     assert stats["kept"] > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert head.weight.abs().sum() > 0                                          # started at zero
@@ -369,14 +376,7 @@ def test_one_rl_step_changes_the_policy_and_the_value_head(every_token_stops):
 
 
 def test_a_step_with_zero_advantages_leaves_the_policy_unchanged(every_token_stops):
-    torch.manual_seed(0)
-    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
-    head = tstar.new_value_head(model)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1e-2)
-    before = [p.detach().clone() for p in model.parameters()]
-    problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
-    stats = tstar.rl_step(model, head, opt, tok, problems, lambda text, p: 1.0, rl_config(), 4, 0,
-                          torch.Generator().manual_seed(0))
+    model, head, before, stats = one_rl_step(lambda text, p: 1.0)
     assert stats["kept"] == 0 and stats["accuracy"] == 1.0
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     # and the loss itself: zero advantage and logp == logp_old give a zero gradient (KL is 0 at the start)
@@ -707,14 +707,7 @@ def test_group_weights_average_within_each_round_then_over_rounds_and_samples():
 
 
 def test_one_cj_grpo_step_changes_the_policy_and_trains_no_value(every_token_stops):
-    torch.manual_seed(0)
-    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
-    head = tstar.new_value_head(model)
-    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": 1e-3}, {"params": head.parameters(), "lr": 1e-2}])
-    before = [p.detach().clone() for p in model.parameters()]
-    problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
-    stats = tstar.rl_step(model, head, opt, tok, problems, text_parity_reward, rl_config(advantage="group"), 4, 0,
-                          torch.Generator().manual_seed(0))
+    model, head, before, stats = one_rl_step(text_parity_reward, advantage="group")
     assert stats["kept"] > 0 and stats["value_loss"] == 0.0
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert head.weight.abs().sum() == 0                              # no value loss, no value update

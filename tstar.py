@@ -1500,7 +1500,7 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
             print(f"warm start: {len(losses)} steps in {info['seconds']:.0f}s, "
                   f"loss {losses[0]:.3f} -> {info['final_loss']:.3f}; saved to {path}")
         barrier()
-    else:
+    elif is_main():
         print(f"warm start: reusing {path}")
     return load_model_and_tokenizer(str(path), device, torch.float32)[0]
 
@@ -1666,7 +1666,7 @@ def evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg: Config, out: Pat
                       f"pass@{cfg.eval_samples} {metrics[f'pass@{cfg.eval_samples}']:.3f}  TPF {metrics['tpf']:.2f}  "
                       f"LocalStrict {metrics['local_strict']:.3f}  len {metrics['length']:.1f}  "
                       f"{metrics['tokens_per_s']:.0f} tok/s")
-                if B == stage_block_size and gens:
+                if (B == stage_block_size or cfg.eval_only) and gens:     # eval-only: a picture per B
                     plot_trajectories(gens[:8], B, out / f"trajectory-{stage}-{label}-B{B}.png",
                                       f"{label}: decoding order at B={B} ({name})")
                     if cfg.show_trajectory:
@@ -1714,7 +1714,8 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
             raise UsageError(f"--resume: {out} was made with another curriculum; resume with the same flags")
         model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
         value_head = load_value_head(model, path)
-        print(f"resuming after stage {done} from {path}")
+        if is_main():
+            print(f"resuming after stage {done} from {path}")
     log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
     if done == 0:
         evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
