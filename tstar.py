@@ -204,7 +204,7 @@ class Config:
     grad_checkpointing: bool = False
     """recompute activations in the backward pass (saves memory; on by default for checkpoints)"""
     train_dataset: str = "toy"
-    """training problems: toy, or (section 11) a dataset name or a local JSON/JSONL/Parquet file"""
+    """training problems: toy, or (section 3) a dataset name or a local JSON/JSONL/Parquet file"""
     eval_datasets: str = "toy"
     """evaluation sets, comma-separated: toy, dataset names or local files"""
 
@@ -218,8 +218,7 @@ def _field_docs(cls) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     docs = _field_docs(Config)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -903,10 +902,6 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
     return losses
 
 
-def is_main() -> bool:
-    """Only rank 0 prints progress, writes logs and saves checkpoints."""
-    return int(os.environ.get("RANK", "0")) == 0
-
 
 # ======================================================================================================
 # 7. Trace rounds (TraceRL, design.md section 5)
@@ -1364,6 +1359,11 @@ def encode_prompt(tokenizer, question: str, cfg: Config | None = None) -> list[i
 
 
 # --- distributed (torchrun) -----------------------------------------------------------------------------
+
+
+def is_main() -> bool:
+    """Only rank 0 prints progress, writes logs and saves checkpoints."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def world() -> tuple[int, int]:
