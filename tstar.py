@@ -248,6 +248,13 @@ def parse_int_list(text: str, name: str) -> list[int]:
     return values
 
 
+def check_fits(prompt_len: int, max_new_tokens: int, max_positions: int) -> None:
+    """A prompt plus its longest response must fit the model's positions."""
+    if prompt_len + max_new_tokens > max_positions:
+        raise UsageError(f"a prompt of {prompt_len} tokens plus --max-new-tokens {max_new_tokens} exceeds the "
+                         f"model's {max_positions} positions")
+
+
 def check_block_size(B: int, K: int | None, max_positions: int) -> None:
     """The sampler's block settings must make sense for the model: one clear error if not."""
     if B < 1:
@@ -603,6 +610,9 @@ class Generation:
     offset: int
 
 
+REMASKINGS = ("static", "dynamic", "ass")
+
+
 def step_quotas(m: torch.Tensor, K: int, remasking: str) -> torch.Tensor:
     """Tokens to commit at each step of a block with m masked positions: (rows,) -> (rows, steps).
 
@@ -675,13 +685,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
     B, K = block_size, steps or block_size
     if not 0 <= offset < B:
         raise UsageError(f"offset must be in [0, {B}), got {offset}")
-    if remasking not in ("static", "dynamic", "ass"):
-        raise UsageError(f"unknown remasking {remasking!r}")
-    limit = model.config.max_position_embeddings
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > limit:
-        raise UsageError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} exceeds the "
-                         f"model's {limit} positions")
+    if remasking not in REMASKINGS:
+        raise UsageError(f"--remasking must be one of {', '.join(REMASKINGS)}, got {remasking!r}")
+    check_fits(max(len(p) for p in prompts), max_new_tokens, model.config.max_position_embeddings)
     was_training = model.training
     model.eval()                       # (training mode with gradient checkpointing would disable the cache)
     dev = next(model.parameters()).device
@@ -1282,7 +1288,7 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         (0.0 <= cfg.shift_fraction <= 1.0, f"--shift-fraction must be in [0, 1], got {cfg.shift_fraction}"),
         (cfg.steps_per_block is None or cfg.steps_per_block >= 1,
          f"--steps-per-block must be positive, got {cfg.steps_per_block}"),
-        (cfg.remasking in ("static", "dynamic", "ass"), "--remasking must be static, dynamic or ass"),
+        (cfg.remasking in REMASKINGS, f"--remasking must be one of {', '.join(REMASKINGS)}, got {cfg.remasking!r}"),
         (cfg.advantage in ("gae", "group"), f"--advantage must be gae or group, got {cfg.advantage!r}"),
         (cfg.micro_batch >= 1, f"--micro-batch must be >= 1, got {cfg.micro_batch}"),
         (cfg.minibatches >= 1, f"--minibatches must be >= 1, got {cfg.minibatches}"),
@@ -1638,11 +1644,10 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_stages_below: int | None = None):
         self.path = path
-        self.records = [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
-        if keep_stages_below is not None:          # a resumed run drops what an unfinished stage logged
-            self.records = [r for r in self.records if r["stage"] < keep_stages_below]
-        else:
-            self.records = []
+        self.records = []
+        if keep_stages_below is not None and path.is_file():   # a resumed run drops an unfinished stage's lines
+            self.records = [r for r in map(json.loads, path.read_text().splitlines())
+                            if r["stage"] < keep_stages_below]
         if is_main():
             path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
@@ -1785,11 +1790,9 @@ def run(cfg: Config) -> None:
         raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
     out.mkdir(parents=True, exist_ok=True)
     train_problems, eval_sets, reward_fn = load_task(cfg)
-    longest = max(len(encode_prompt(tokenizer, p["question"], cfg))
-                  for problems in [train_problems, *eval_sets.values()] for p in problems)
-    if longest + cfg.max_new_tokens > model.config.max_position_embeddings:
-        raise UsageError(f"a prompt of {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceeds the "
-                         f"model's {model.config.max_position_embeddings} positions")
+    check_fits(max(len(encode_prompt(tokenizer, p["question"], cfg))            # before a long warm start
+                   for problems in [train_problems, *eval_sets.values()] for p in problems),
+               cfg.max_new_tokens, model.config.max_position_embeddings)
     if is_architecture_file(cfg.model):
         model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
     if cfg.eval_only:
