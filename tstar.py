@@ -248,11 +248,16 @@ def parse_int_list(text: str, name: str) -> list[int]:
     return values
 
 
-def check_fits(prompt_len: int, max_new_tokens: int, max_positions: int) -> None:
-    """A prompt plus its longest response must fit the model's positions."""
-    if prompt_len + max_new_tokens > max_positions:
-        raise UsageError(f"a prompt of {prompt_len} tokens plus --max-new-tokens {max_new_tokens} exceeds the "
-                         f"model's {max_positions} positions")
+def check_fits(prompt_len: int, max_new_tokens: int, max_positions: int, block_size: int = 1,
+               offset: int = 0) -> None:
+    """A prompt plus its longest response, rounded up to the end of its last block (the sampler decodes
+    that block whole), must fit the model's positions."""
+    last = prompt_len + max_new_tokens - 1
+    used = offset + (block_index(last, block_size, offset) + 1) * block_size
+    if used > max_positions:
+        rounded = f" (up to {used} with whole blocks of {block_size})" if used > last + 1 else ""
+        raise UsageError(f"a prompt of {prompt_len} tokens plus --max-new-tokens {max_new_tokens}{rounded} "
+                         f"exceeds the model's {max_positions} positions")
 
 
 def check_block_size(B: int, K: int | None, max_positions: int) -> None:
@@ -306,6 +311,38 @@ def char_tokenizer():
                                    pad_token="<|endoftext|>", mask_token="<|mask|>", unk_token="<|unk|>")
 
 
+def block_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The attention of every model tstar loads: PyTorch's scaled_dot_product_attention, registered with
+    transformers as "tstar_sdpa". It differs from transformers' "sdpa" in one case, the sampler's: a few
+    queries against a long cache, with grouped-query attention (Qwen3: 2 query heads per key/value head)
+    and a mask. transformers then copies every key and value G times (repeat_kv) in every layer at every
+    step, more memory traffic than the attention itself. Here the G query heads that share a key/value
+    head become G x q queries of that head instead:
+        query (n, H, q, d) -> (n, H/G, G q, d),  mask (n, 1, q, k) -> (n, 1, G q, k)
+    which is the same attention without the copy. Everything else (training, prefill: as many queries as
+    keys) takes transformers' own path unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    G = getattr(module, "num_key_value_groups", 1)
+    n, H, q, d = query.shape
+    if G == 1 or q >= key.shape[2] or attention_mask is None or attention_mask.dtype != torch.bool:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    mask = attention_mask.expand(n, 1, q, key.shape[2]).repeat(1, 1, G, 1)              # (n, 1, G q, k)
+    out = F.scaled_dot_product_attention(query.reshape(n, H // G, G * q, d), key, value, attn_mask=mask,
+                                         dropout_p=dropout, scale=scaling)               # (n, H/G, G q, d)
+    return out.reshape(n, H, q, d).transpose(1, 2).contiguous(), None                    # (n, q, H, d)
+
+
+def register_attention() -> str:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register("tstar_sdpa", block_sdpa)
+    AttentionMaskInterface.register("tstar_sdpa", sdpa_mask)     # plain calls without a mask stay causal
+    return "tstar_sdpa"
+
+
 def is_architecture_file(model: str) -> bool:
     return model.endswith(".json")
 
@@ -318,7 +355,8 @@ def is_toy_model(model: str) -> bool:
 
 def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for a config JSON (random init + character tokenizer), a local checkpoint
-    directory, or a hub id. One path for all of them: the model is always Qwen3ForCausalLM with SDPA."""
+    directory, or a hub id. One path for all of them: the model is always Qwen3ForCausalLM with SDPA
+    attention (block_sdpa)."""
     import transformers
     from transformers import AutoTokenizer, PretrainedConfig, Qwen3ForCausalLM
 
@@ -332,7 +370,7 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
             config = qwen3_config(json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise UsageError(f"{model} is not a valid model config: {e}") from None
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = register_attention()
         tokenizer = char_tokenizer()
         if config.vocab_size < len(tokenizer):
             raise UsageError(f"{model}: vocab_size {config.vocab_size} < {len(tokenizer)} tokens of the tokenizer")
@@ -349,7 +387,8 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
             raise UsageError(f"cannot load {model!r}: not a local directory, and the hub could not be reached "
                              f"or has no such model; download it and pass the local directory") from None
         config = qwen3_config(config_dict)
-        net = Qwen3ForCausalLM.from_pretrained(model, config=config, dtype=dtype, attn_implementation="sdpa")
+        net = Qwen3ForCausalLM.from_pretrained(model, config=config, dtype=dtype,
+                                               attn_implementation=register_attention())
         tokenizer = AutoTokenizer.from_pretrained(model, config=config, trust_remote_code=False)
     if tokenizer.mask_token_id is None:
         raise UsageError(f"the tokenizer of {model} has no mask token: it is not a masked diffusion model")
@@ -550,10 +589,12 @@ def block_start(p: int, block_size: int, offset: int = 0) -> int:
     return max(0, offset + block_index(p, block_size, offset) * block_size)
 
 
-def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: int, offset: int = 0):
+def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: int, offset: int = 0,
+                         q_start: int | None = None):
     """Boolean attention mask (batch, 1, Lq, Lk), True = may attend.
 
-    q_pos, q_noisy: (batch, Lq) positions and noisy flags of the queries, which are the last Lq keys.
+    q_pos, q_noisy: (batch, Lq) positions and noisy flags of the queries, which are the keys
+    q_start .. q_start + Lq - 1 (default: the last Lq keys).
     k_pos, k_noisy, k_valid: (batch, Lk) positions, noisy flags and real-token flags of the keys."""
     bq = block_index(q_pos, block_size, offset)[:, :, None]                 # (batch, Lq, 1)
     bk = block_index(k_pos, block_size, offset)[:, None, :]                 # (batch, 1, Lk)
@@ -562,50 +603,62 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
     sees_noisy_query = (~kn & (bk < bq)) | (kn & (bk == bq))
     allow = torch.where(q_noisy[:, :, None], sees_noisy_query, sees_clean_query) & k_valid[:, None, :]
     Lq, Lk = q_pos.shape[1], k_pos.shape[1]
+    q_start = Lk - Lq if q_start is None else q_start
     arange = torch.arange(Lk, device=allow.device)
-    itself = arange[None, :] == arange[Lk - Lq:, None]                      # (Lq, Lk) query i is key Lk-Lq+i
-    q_real = k_valid[:, Lk - Lq:, None]                                     # (batch, Lq, 1)
+    itself = arange[None, :] == arange[q_start: q_start + Lq, None]        # (Lq, Lk) query i is key q_start+i
+    q_real = k_valid[:, q_start: q_start + Lq, None]                        # (batch, Lq, 1)
     return ((allow & q_real) | (~q_real & itself))[:, None]                 # (batch, 1, Lq, Lk)
 
 
 # ======================================================================================================
 # 5. Sampler
 # ======================================================================================================
-# Blockwise masked-diffusion decoding, the protocol of SDAR's generate.py (design.md section 3):
+# Blockwise masked-diffusion decoding, the protocol of SDAR's generate.py (SDAR, arXiv 2510.06303):
 #   * Blocks are aligned at absolute position `offset` (prompt included). The prompt's whole blocks are
 #     prefilled once into the KV cache; the prompt's tail shares the first decoded block with masks.
 #   * Each block starts fully masked and gets up to K steps. Each step is one forward of the block
-#     (queries = block, keys = cache + block; nothing is stored), a candidate token and a confidence for
-#     every masked position, and a commit of some positions:
+#     (queries = block, keys = cache + block), a candidate token and a confidence for every masked
+#     position, and a commit of some positions:
 #         static   the step's quota n_s of most confident positions,
 #         dynamic  every position with confidence > tau, or the n_s most confident if fewer pass,
 #         ass      2^s positions at step s, the rest at the last step (below).
-#   * When the block is full, one more forward stores its keys and values (not counted in NFE).
-#   * A row stops after the block in which it produced a stop id, or at the length limit.
+#   * A finished block's keys and values must be cached, clean. SDAR spends one extra forward on that;
+#     here the first step of the next block carries it: its queries are [finished block, clean | new
+#     block, all masks], and under the block mask (section 4) the clean half sees exactly what a separate
+#     store pass would see. Same attention, one forward fewer per block, not counted in NFE either way.
+#   * A row stops after the block in which it produced a stop id, or after the block that reaches the
+#     length limit. Like SDAR, that last block is decoded whole (B masks), then the response is cut at
+#     --max-new-tokens for rewards and metrics; the tokens past the cut were decoded, so they stay in
+#     the trajectory and are trained like the tokens after a stop token.
 #
-# Two schedules of the CJ-GRPO paper (arXiv 2509.23924, design.md section 7) plug into the same loop:
+# Two schedules of the CJ-GRPO paper (arXiv 2509.23924, section 3) plug into the same loop:
 #   * ASS (--remasking ass): a block with m masked positions takes ceil(log2 m) steps; step s commits the
 #     2^s most confident positions and the last step all that remain (B=8: 1, 2, 5). K is not used.
 #   * EOSER (--eoser): at step s of the n steps a block plans, the confidence of every candidate that is a
 #     stop token is multiplied by g_s = g_min + (g_max - g_min) s / (n - 1), so the end of the answer is
 #     committed late. It changes which positions are committed, never the sampled tokens.
 #
-# Rows of different prompt lengths share a batch by left padding: row i is shifted right by pad_i so
-# that every row's first decoded block starts at the same padded index D, which keeps all block
-# boundaries aligned across rows. A row that has stopped is dropped from the batch with its cache rows.
-# All per-token decisions are tensor ops over (rows, B); Python loops run over blocks and steps only.
+# Rows of different prompt lengths share a batch by left padding into one frame (padded_frame): row i is
+# shifted right by pad_i so that every row's first decoded block starts at the same column D, which keeps
+# the block boundaries of all rows aligned. The KV cache (KVCache) is allocated once for the frame and
+# written in place: a step writes its block's keys and values into the block's own slots, which the next
+# step overwrites, until the block is final. Rows that have stopped stay in the frame, masked out, until
+# half of the rows have stopped; then the live rows are moved to the front of the same buffers
+# (compaction: a few copies per call, never one per step). All per-token decisions are tensor ops over
+# (rows, B); Python loops run over blocks and steps only.
 
 
 @dataclass
 class Generation:
     """One sampled response. `ids` is the whole decoded trajectory: every response position the sampler
-    filled, through the end of the last decoded block (after a stop token the block was still filled)."""
+    filled, through the end of the last decoded block (after a stop token, or past the length limit, the
+    block was still filled)."""
     ids: list[int]
     step_map: list[int]      # per token of ids: the row's denoising step (1..nfe) that finalized it
     logprobs: list[float]    # per token of ids: log-prob the sampler's model gave it at that step
     nfe: int                 # denoising forwards this row took part in
-    n_tokens: int            # response length through the first stop token (or len(ids) if none)
-    stopped: bool            # a stop token appeared (False: cut by the length limit)
+    n_tokens: int            # the response: through the first stop token, at most max_new_tokens
+    stopped: bool            # a stop token within max_new_tokens (False: cut by the length limit)
     prompt_len: int
     offset: int
 
@@ -644,10 +697,9 @@ def propose(logits, temperature: float, top_k: int, top_p: float, generator=None
     logp_model = logits.log_softmax(-1)                                       # (M, V)
     if mask_id is not None:
         logits = logits.index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
-    logp = logits.log_softmax(-1)
     if temperature == 0:
         cand = logits.argmax(-1)                                              # (M,)
-        conf = logp.gather(1, cand[:, None]).squeeze(1).exp()
+        conf = logits.log_softmax(-1).gather(1, cand[:, None]).squeeze(1).exp()
     else:
         z = logits / temperature
         if top_k > 0:
@@ -671,137 +723,300 @@ def descending_rank(score):
     return torch.empty_like(order).scatter_(1, order, arange)
 
 
+def choose_commits(todo, conf, quota, remasking: str, threshold: float):
+    """Which masked positions a step commits. todo: (n, B) still masked; conf: (M,) the confidence of
+    each masked position (row-major over todo); quota: (n,) the step's n_s. Returns (n, B) bool:
+    static the n_s most confident; dynamic every position with conf > tau, or the n_s most confident
+    if fewer pass (ties broken by position)."""
+    score = torch.full(todo.shape, float("-inf"), device=todo.device)
+    score[todo] = conf                                                        # (n, B)
+    n_commit = quota
+    if remasking == "dynamic":
+        n_commit = torch.maximum(n_commit, (score > threshold).sum(1))
+    n_commit = torch.minimum(n_commit, todo.sum(1))
+    return todo & (descending_rank(score) < n_commit[:, None])
+
+
+def eoser_factor(s: int, n_steps: torch.Tensor, g_min: float, g_max: float) -> torch.Tensor:
+    """EOSER's g_s = g_min + (g_max - g_min) s / (n - 1) for each row's n planned steps; g_max if n = 1."""
+    frac = s / (n_steps - 1).clamp(min=1)
+    return torch.where(n_steps > 1, g_min + (g_max - g_min) * frac, g_max)
+
+
+@dataclass
+class Frame:
+    """The state of a batch of rows in one padded frame: row i's position p sits at column pad_i + p."""
+    x: torch.Tensor          # (n, W) tokens: prompt, then the decoded response (the fill id elsewhere)
+    pos: torch.Tensor        # (n, W) position of each column in its row (0 on left padding)
+    valid: torch.Tensor      # (n, W) a real token or response slot
+    is_resp: torch.Tensor    # (n, W) a response slot
+    end: torch.Tensor        # (n,) column just past the row's last block
+    live: torch.Tensor       # (n,) still decoding
+    step_map: torch.Tensor   # (n, W) the row's step that finalized each response token
+    logp: torch.Tensor       # (n, W) the log-prob the sampler gave it then
+    nfe: torch.Tensor        # (n,) denoising forwards so far
+    index: torch.Tensor      # (n,) the row's place in the caller's list of prompts
+    D: int                   # first decoded column, a block boundary of every row
+
+    def select(self, keep: torch.Tensor) -> "Frame":
+        """The frame with only the rows `keep` (for compaction)."""
+        return Frame(**{f.name: getattr(self, f.name)[keep] if f.name != "D" else self.D
+                        for f in dataclasses.fields(self)})
+
+
+def padded_frame(prompts, block_size: int, offset: int, max_new_tokens: int, width: int, fill_id: int,
+                 device) -> Frame:
+    """Lay the prompts out in one frame of at least `width` columns, the first decoded block of every row
+    at column D, and each row's response rounded up to whole blocks."""
+    B = block_size
+    P = torch.tensor([len(p) for p in prompts], device=device)                # (n,)
+    first = offset + block_index(P, B, offset) * B    # start of the block holding P; < 0 is a virtual
+    D = max(int(first.max()), 0)                      # block reaching before 0 (only when offset > 0)
+    pad = D - first                                                            # (n,)
+    end = D + B * torch.div(pad + P + max_new_tokens - D + B - 1, B, rounding_mode="floor")   # (n,)
+    W = max(int(end.max()), width)
+    col = torch.arange(W, device=device)
+    pos = col[None, :] - pad[:, None]                                          # (n, W)
+    valid = (pos >= 0) & (col[None, :] < end[:, None])
+    is_resp = valid & (pos >= P[:, None])
+    x = torch.full((len(prompts), W), fill_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):                                            # one copy per row
+        x[i, pad[i]: pad[i] + len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    n = len(prompts)
+    return Frame(x=x, pos=pos.clamp(min=0), valid=valid, is_resp=is_resp, end=end,
+                 live=torch.ones(n, dtype=torch.bool, device=device),
+                 step_map=torch.zeros(n, W, dtype=torch.long, device=device),
+                 logp=torch.zeros(n, W, device=device), nfe=torch.zeros(n, dtype=torch.long, device=device),
+                 index=torch.arange(n, device=device), D=D)
+
+
+class KVCache:
+    """Keys and values of every layer in buffers allocated once, (rows, kv heads, width, head dim), and
+    written in place. The model's attention calls update() with the keys and values of its queries; they
+    go to the slots `write_at`, and attention reads the slots [0, kv_len) of the first `rows` rows, views
+    of the buffers. (transformers' StaticCache appends at a running length and returns the whole buffer;
+    a denoising step must rewrite the same slots at every step, and an early block should not read the
+    empty slots after it.)"""
+
+    def __init__(self, config, rows: int, width: int, dtype, device):
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        shape = (rows, config.num_key_value_heads, width, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.rows, self.kv_len, self.write_at = rows, 0, None
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        k, v = self.keys[layer_idx][: self.rows], self.values[layer_idx][: self.rows]
+        k.index_copy_(2, self.write_at, key.to(k.dtype))
+        v.index_copy_(2, self.write_at, value.to(v.dtype))
+        return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Move rows keep[0], keep[1], ... (increasing) to the front of the buffers. Chunked, so that the
+        temporary copy stays small; a chunk's sources lie at or after its destination, so no row is
+        overwritten before it is moved."""
+        for buf in self.keys + self.values:
+            for lo in range(0, len(keep), 16):
+                chunk = keep[lo: lo + 16]
+                buf[lo: lo + len(chunk)] = buf[chunk]
+        self.rows = len(keep)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.keys + self.values)
+
+
+def kv_cache_bytes_per_row(config, width: int, dtype) -> int:
+    """Bytes of keys and values one row of width tokens needs: layers x 2 x kv heads x head dim x width."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * width
+            * torch.empty((), dtype=dtype).element_size())
+
+
+KV_BUCKET = 256     # with CUDA graphs, a step attends to a multiple of this many slots (one graph each)
+
+
+class Decoder:
+    """The sampler's forward passes. One per batch of generate calls (e.g. all rollouts of an RL step):
+    it holds the KV cache, sized for `rows` x `width`, and, with graphs=True on CUDA, one captured CUDA
+    graph per (rows, query width, key length), replayed at every step of that shape. Without a cache
+    (kv_cache=False) every step recomputes the whole prefix: slow, for checks and benchmarks only."""
+
+    def __init__(self, model, rows: int, width: int, kv_cache: bool = True, graphs: bool = False):
+        self.model, self.rows, self.graphs = model, rows, graphs
+        p = next(model.parameters())
+        if graphs:
+            width = KV_BUCKET * math.ceil(width / KV_BUCKET)
+        self.width = width
+        self.cache = KVCache(model.config, rows, width, p.dtype, p.device) if kv_cache else None
+        self.captured: dict = {}
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    def start(self, frame: Frame, block_size: int, offset: int) -> None:
+        """Prefill: cache the clean keys and values of the prompts' whole blocks, columns [0, D)."""
+        self.B, self.offset = block_size, offset
+        n, D = frame.x.shape[0], frame.D
+        if self.cache is None or D == 0:
+            return
+        if self.cache.keys[0].shape[2] < frame.x.shape[1]:
+            raise ValueError("the frame is wider than the decoder's cache")
+        self.cache.rows, self.cache.kv_len = n, D
+        self.cache.write_at = torch.arange(D, device=frame.x.device)
+        q = slice(0, D)
+        clean = torch.zeros_like(frame.valid[:, q])
+        mask = block_attention_mask(frame.pos[:, q], clean, frame.pos[:, q], clean, frame.valid[:, q],
+                                    block_size, offset)
+        hidden_states(self.model, frame.x[:, q], frame.pos[:, q], mask, self.cache)
+
+    def step(self, frame: Frame, xb, c: int, store_previous: bool):
+        """Hidden states (n, B, H) of the noisy block xb at columns [c, c + B). With store_previous, the
+        previous block (final, clean) rides along as extra queries, which writes its keys and values."""
+        B, dev = self.B, xb.device
+        q0 = c - B if store_previous and self.cache is not None else c
+        ids = torch.cat([frame.x[:, q0:c], xb], 1)                                  # (n, c + B - q0)
+        if self.cache is None:                        # recompute: queries are the whole prefix
+            q0, ids = 0, torch.cat([frame.x[:, :c], xb], 1)
+        kv = c + B if not self.graphs else min(self.width, KV_BUCKET * math.ceil((c + B) / KV_BUCKET))
+        k = slice(0, kv)
+        col = torch.arange(kv, device=dev)
+        noisy = ((col >= c) & (col < c + B)).expand(frame.x.shape[0], -1)          # (n, kv) the new block
+        mask = block_attention_mask(frame.pos[:, q0: c + B], noisy[:, q0: c + B], frame.pos[:, k], noisy,
+                                    frame.valid[:, k], B, self.offset, q_start=q0)  # (n, 1, Lq, kv)
+        if self.cache is None:
+            return hidden_states(self.model, ids, frame.pos[:, :c + B], mask)[:, -B:]
+        write_at = torch.arange(q0, c + B, device=dev)
+        if self.graphs:
+            return self.replay(ids, frame.pos[:, q0: c + B], mask, write_at)[:, -B:]
+        self.cache.rows, self.cache.kv_len, self.cache.write_at = ids.shape[0], kv, write_at
+        return hidden_states(self.model, ids, frame.pos[:, q0: c + B], mask, self.cache)[:, -B:]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.keep_rows(keep)
+
+    # --- CUDA graphs (--compile) ---
+    def replay(self, ids, pos, mask, write_at):
+        """Run the step as a captured CUDA graph: its inputs are copied into the graph's own tensors, its
+        output is the graph's output tensor (valid until the next replay)."""
+        key = (ids.shape[0], ids.shape[1], mask.shape[-1])
+        g = self.captured.get(key)
+        if g is None:
+            g = self.captured[key] = self.capture(ids, pos, mask, write_at)
+        for static, new in ((g["ids"], ids), (g["pos"], pos), (g["mask"], mask), (g["write_at"], write_at)):
+            static.copy_(new)
+        g["graph"].replay()
+        return g["out"]
+
+    def capture(self, ids, pos, mask, write_at) -> dict:
+        g = dict(ids=ids.clone(), pos=pos.clone(), mask=mask.clone(), write_at=write_at.clone())
+        self.cache.rows, self.cache.kv_len, self.cache.write_at = ids.shape[0], mask.shape[-1], g["write_at"]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):                 # warm-up: lazy initialisation must not be captured
+            hidden_states(self.model, g["ids"], g["pos"], g["mask"], self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        g["graph"] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g["graph"], pool=self.pool):
+            g["out"] = hidden_states(self.model, g["ids"], g["pos"], g["mask"], self.cache)
+        return g
+
+
+def row_bucket(n: int, capacity: int) -> int:
+    """Rows a CUDA-graph frame keeps for n live rows: the next power of two, at most the capacity."""
+    return min(capacity, 1 << max(0, n - 1).bit_length())
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids: Sequence[int] = (),
              block_size: int = 4, steps: int | None = None, remasking: str = "dynamic", threshold: float = 0.9,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64,
              offset: int = 0, eoser: tuple[float, float] | None = None, generator=None,
-             kv_cache: bool = True) -> list[Generation]:
+             kv_cache: bool = True, decoder: Decoder | None = None) -> list[Generation]:
     """Decode a response for every prompt (lists of token ids); one Generation per prompt, in order.
 
     block_size B, steps K (default B), remasking static/dynamic/ass, threshold tau, offset of the block
-    boundaries (0 <= offset < B), eoser = (gamma_min, gamma_max) to scale stop-token confidences (EOSER),
-    kv_cache=False recomputes the whole sequence at every step (for checks and benchmarks)."""
+    boundaries (0 <= offset < B), eoser = (gamma_min, gamma_max) to scale stop-token confidences (EOSER).
+    `decoder` reuses one Decoder (its cache and CUDA graphs) over several calls; by default each call
+    makes its own. kv_cache=False recomputes the whole sequence at every step (for checks)."""
     B, K = block_size, steps or block_size
     if not 0 <= offset < B:
         raise UsageError(f"offset must be in [0, {B}), got {offset}")
     if remasking not in REMASKINGS:
         raise UsageError(f"--remasking must be one of {', '.join(REMASKINGS)}, got {remasking!r}")
-    check_fits(max(len(p) for p in prompts), max_new_tokens, model.config.max_position_embeddings)
+    check_fits(max(len(p) for p in prompts), max_new_tokens, model.config.max_position_embeddings, B, offset)
     was_training = model.training
     model.eval()                       # (training mode with gradient checkpointing would disable the cache)
     dev = next(model.parameters()).device
     N = len(prompts)
-
-    # --- padded frame: row i's position p sits at padded index pad_i + p ---
-    P = torch.tensor([len(p) for p in prompts], device=dev)                  # (N,)
-    first = offset + block_index(P, B, offset) * B     # start of the block holding P; < 0 is a virtual
-    D = max(int(first.max()), 0)                       # block reaching before 0 (only when offset > 0)
-    pad = D - first                                                           # (N,)
-    end = pad + P + max_new_tokens                                            # (N,) just past the response
-    L = D + B * math.ceil((int(end.max()) - D) / B)
-    idx = torch.arange(L, device=dev)
-    pos = idx[None, :] - pad[:, None]                                         # (N, L) row positions
-    valid = (pos >= 0) & (idx[None, :] < end[:, None])                        # (N, L) real tokens
-    is_resp = valid & (pos >= P[:, None])                                     # (N, L) response slots
-    pos = pos.clamp(min=0)
-    x = torch.full((N, L), stop_ids[0] if stop_ids else mask_id, dtype=torch.long, device=dev)
-    for i, p in enumerate(prompts):                                           # one copy per row
-        x[i, pad[i]: pad[i] + len(p)] = torch.tensor(p, dtype=torch.long, device=dev)
-    noisy = torch.zeros(N, L, dtype=torch.bool, device=dev)
-    step_map = torch.zeros(N, L, dtype=torch.long, device=dev)
-    logp_map = torch.zeros(N, L, device=dev)
-    nfe = torch.zeros(N, dtype=torch.long, device=dev)
-    rows = torch.arange(N, device=dev)             # original index of each live row
+    graphs = decoder is not None and decoder.graphs
+    rows = row_bucket(N, decoder.rows) if graphs else N       # a graph's rows: pad with dead copies of row 0
+    frame = padded_frame(list(prompts) + [prompts[0]] * (rows - N), B, offset, max_new_tokens,
+                         decoder.width if decoder else 0, stop_ids[0] if stop_ids else mask_id, dev)
+    frame.live[N:] = False
+    decoder = decoder or Decoder(model, rows, frame.x.shape[1], kv_cache)
+    decoder.start(frame, B, offset)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
     results: list[Generation | None] = [None] * N
+    L = int(frame.end.max())
 
-    def forward(xb, c, is_noisy):
-        """Hidden states (n, B, H) of the block at padded index c, as noisy (a step) or clean (store)."""
-        noisy[:, c: c + B] = is_noisy
-        q = slice(c, c + B)
-        if kv_cache:
-            k = slice(0, c + B)
-            mask = block_attention_mask(pos[:, q], noisy[:, q], pos[:, k], noisy[:, k], valid[:, k], B, offset)
-            h = hidden_states(model, xb, pos[:, q], mask, cache)
-            if is_noisy:
-                cache.crop(-B)         # a denoising step must not leave its keys/values in the cache
-            return h
-        k = slice(0, c + B)           # no cache: the whole prefix again, then keep the block's states
-        mask = block_attention_mask(pos[:, k], noisy[:, k], pos[:, k], noisy[:, k], valid[:, k], B, offset)
-        return hidden_states(model, torch.cat([x[:, :c], xb], 1), pos[:, k], mask)[:, c:]
-
-    cache = None
-    if kv_cache:
-        from transformers import DynamicCache
-        cache = DynamicCache(config=model.config)
-        if D > 0:                                   # prefill the prompts' whole blocks
-            mask = block_attention_mask(pos[:, :D], noisy[:, :D], pos[:, :D], noisy[:, :D], valid[:, :D], B, offset)
-            hidden_states(model, x[:, :D], pos[:, :D], mask, cache)
-
-    for c in range(D, L, B):
-        masked = is_resp[:, c: c + B].clone()                                 # (n, B) still to decode
-        xb = torch.where(masked, mask_id, x[:, c: c + B])                     # (n, B)
-        quotas = step_quotas(masked.sum(1), K, remasking)                     # (n, steps)
+    for c in range(frame.D, L, B):
+        todo = frame.is_resp[:, c: c + B] & frame.live[:, None]               # (n, B) still masked
+        xb = torch.where(todo, mask_id, frame.x[:, c: c + B])                 # (n, B)
+        quotas = step_quotas(todo.sum(1), K, remasking)                       # (n, steps)
         n_steps = (quotas > 0).sum(1)                                         # (n,) steps this block plans
         for s in range(quotas.shape[1]):
-            live = masked.any(1)                                              # (n,)
-            if not live.any():
+            if not todo.any():
                 break
-            h = forward(xb, c, True)                                          # (n, B, H)
-            nfe += live
-            cand, conf, logp = propose(model.lm_head(h[masked]), temperature, top_k, top_p, generator, mask_id)
-            if eoser is not None:      # EOSER: stop-token confidence x gamma_s, rising to gamma_max
-                g_min, g_max = eoser
-                frac = s / (n_steps - 1).clamp(min=1)                         # (n,)
-                gamma = torch.where(n_steps > 1, g_min + (g_max - g_min) * frac, g_max)
-                row_of = masked.nonzero()[:, 0]
-                conf = torch.where(torch.isin(cand, stops), conf * gamma[row_of], conf)
-            score = torch.full(masked.shape, float("-inf"), device=dev)
-            score[masked] = conf                                              # (n, B)
-            n_commit = quotas[:, s]
-            if remasking == "dynamic":
-                n_commit = torch.maximum(n_commit, (score > threshold).sum(1))
-            n_commit = torch.minimum(n_commit, masked.sum(1))
-            commit = masked & (descending_rank(score) < n_commit[:, None])    # (n, B)
-            tok = torch.zeros_like(xb)
-            tok[masked] = cand
-            lp = torch.zeros(masked.shape, device=dev)
-            lp[masked] = logp
+            h = decoder.step(frame, xb, c, store_previous=s == 0 and c > frame.D)   # (n, B, H)
+            frame.nfe += todo.any(1)
+            cand, conf, logp = propose(model.lm_head(h[todo]), temperature, top_k, top_p, generator, mask_id)
+            if eoser is not None:      # EOSER: stop-token confidence x g_s, rising to g_max
+                g = eoser_factor(s, n_steps, *eoser)[todo.nonzero()[:, 0]]     # (M,) each position's row
+                conf = torch.where(torch.isin(cand, stops), conf * g, conf)
+            commit = choose_commits(todo, conf, quotas[:, s], remasking, threshold)   # (n, B)
+            tok, lp = torch.zeros_like(xb), torch.zeros(todo.shape, device=dev)
+            tok[todo], lp[todo] = cand, logp
             xb = torch.where(commit, tok, xb)
-            step_map[:, c: c + B] = torch.where(commit, nfe[:, None], step_map[:, c: c + B])
-            logp_map[:, c: c + B] = torch.where(commit, lp, logp_map[:, c: c + B])
-            masked &= ~commit
-        x[:, c: c + B] = xb
-        if kv_cache:
-            forward(xb, c, False)                   # store the finished block's keys and values
-        noisy[:, c: c + B] = False
-
-        stopped = (torch.isin(xb, stops) & is_resp[:, c: c + B]).any(1)      # (n,)
-        done = stopped | (end <= c + B)
-        for i in done.nonzero()[:, 0].tolist():
-            r = is_resp[i, : c + B]
-            ids = x[i, : c + B][r]
-            hit = torch.isin(ids, stops).nonzero()
-            results[int(rows[i])] = Generation(
-                ids=ids.tolist(), step_map=step_map[i, : c + B][r].tolist(),
-                logprobs=logp_map[i, : c + B][r].tolist(), nfe=int(nfe[i]),
-                n_tokens=int(hit[0]) + 1 if len(hit) else len(ids), stopped=bool(stopped[i]),
-                prompt_len=len(prompts[int(rows[i])]), offset=offset)
-        if done.all():
+            frame.step_map[:, c: c + B] = torch.where(commit, frame.nfe[:, None], frame.step_map[:, c: c + B])
+            frame.logp[:, c: c + B] = torch.where(commit, lp, frame.logp[:, c: c + B])
+            todo &= ~commit
+        frame.x[:, c: c + B] = xb
+        frame = finish_rows(frame, c, B, stops, max_new_tokens, prompts, offset, results, decoder, graphs)
+        if not frame.live.any():
             break
-        if done.any():                              # drop finished rows, and their cache rows
-            keep = (~done).nonzero()[:, 0]
-            x, pos, valid, is_resp, noisy = x[keep], pos[keep], valid[keep], is_resp[keep], noisy[keep]
-            step_map, logp_map, nfe, rows, end = step_map[keep], logp_map[keep], nfe[keep], rows[keep], end[keep]
-            if kv_cache:
-                cache.batch_select_indices(keep)
     model.train(was_training)
     return results
 
 
+def finish_rows(frame: Frame, c: int, B: int, stops, max_new_tokens: int, prompts, offset: int, results: list,
+                decoder: Decoder, graphs: bool) -> Frame:
+    """After the block at column c: rows that produced a stop token in it, or reached their last block,
+    become Generations; when half of the frame's rows are finished, the live rows are compacted to the
+    front (frame and cache)."""
+    c_end = c + B
+    stopped = (torch.isin(frame.x[:, c:c_end], stops) & frame.is_resp[:, c:c_end]).any(1)   # (n,)
+    done = frame.live & (stopped | (frame.end <= c_end))
+    for i in done.nonzero()[:, 0].tolist():
+        r = frame.is_resp[i, :c_end]
+        ids = frame.x[i, :c_end][r]
+        hit = torch.isin(ids[:max_new_tokens], stops).nonzero()
+        results[int(frame.index[i])] = Generation(
+            ids=ids.tolist(), step_map=frame.step_map[i, :c_end][r].tolist(), logprobs=frame.logp[i, :c_end][r].tolist(),
+            nfe=int(frame.nfe[i]), n_tokens=int(hit[0]) + 1 if len(hit) else min(len(ids), max_new_tokens),
+            stopped=bool(len(hit)), prompt_len=len(prompts[int(frame.index[i])]), offset=offset)
+    frame.live &= ~done
+    n, n_live = frame.x.shape[0], int(frame.live.sum())
+    if 0 < n_live <= n // 2:
+        keep = frame.live.nonzero()[:, 0]
+        if graphs:                                  # fill up to a bucket with finished rows
+            extra = (~frame.live).nonzero()[:, 0][: row_bucket(n_live, decoder.rows) - n_live]
+            keep = torch.cat([keep, extra]).sort().values
+        decoder.keep_rows(keep)
+        frame = frame.select(keep)
+    return frame
+
+
 def response_text(tokenizer, g: Generation) -> str:
-    """The response as text: tokens through the first stop, special tokens removed."""
+    """The response as text: tokens through the first stop (at most max_new_tokens), special tokens removed."""
     return tokenizer.decode(g.ids[: g.n_tokens], skip_special_tokens=True)
 
 
@@ -1782,17 +1997,20 @@ def run(cfg: Config) -> None:
         print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     storage = compute_dtype(cfg, device) if cfg.eval_only else torch.float32
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, storage)
-    for B in sorted(set(parse_int_list(cfg.block_sizes, "--block-sizes") + [cfg.block_size] +
-                        parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes"))):
+    all_block_sizes = sorted(set(parse_int_list(cfg.block_sizes, "--block-sizes") + [cfg.block_size] +
+                                 parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")))
+    for B in all_block_sizes:
         check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
     out = Path(cfg.out_dir)
     if cfg.resume and not cfg.eval_only and last_finished_stage(out) == 0:
         raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
     out.mkdir(parents=True, exist_ok=True)
     train_problems, eval_sets, reward_fn = load_task(cfg)
-    check_fits(max(len(encode_prompt(tokenizer, p["question"], cfg))            # before a long warm start
-                   for problems in [train_problems, *eval_sets.values()] for p in problems),
-               cfg.max_new_tokens, model.config.max_position_embeddings)
+    longest = max(len(encode_prompt(tokenizer, p["question"], cfg))            # before a long warm start
+                  for problems in [train_problems, *eval_sets.values()] for p in problems)
+    for B in all_block_sizes:
+        for offset in {0, B // 2}:
+            check_fits(longest, cfg.max_new_tokens, model.config.max_position_embeddings, B, offset)
     if is_architecture_file(cfg.model):
         model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
     if cfg.eval_only:
