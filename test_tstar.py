@@ -363,7 +363,9 @@ def one_rl_step(reward_fn, **config):
                              {"params": head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
-    stats = tstar.rl_step(model, head, opt, tok, problems, reward_fn, cfg, 4, 0, torch.Generator().manual_seed(0))
+    sampler = tstar.Sampler(model, torch.float32, rows=64)
+    stats = tstar.rl_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, 4, 0,
+                          torch.Generator().manual_seed(0))
     return model, head, before, stats
 
 
@@ -495,7 +497,7 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, tiny_warm_
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(HERE / "tstar.py"), *TINY_RUN, "--out-dir", tiny_warm_start(tmp_path)]
+           str(HERE / "tstar.py"), *TINY_RUN, "--device", "cpu", "--out-dir", tiny_warm_start(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("stage1-B4", "stage2-B8"):
@@ -701,9 +703,10 @@ def test_group_weights_average_within_each_round_then_over_rounds_and_samples():
                           round=torch.tensor([0, 0, 1, 0, 0, 0]), step=torch.zeros(6, dtype=torch.long),
                           sampler_logp=torch.zeros(6))
     w = tstar.token_weights(tb, "group")
-    # sample 0: round 0 has two tokens, round 1 one; sample 1: one round of three tokens
-    assert torch.allclose(w, torch.tensor([1 / 8, 1 / 8, 1 / 4, 1 / 6, 1 / 6, 1 / 6]))
-    assert torch.allclose(tstar.token_weights(tb, "gae"), torch.full((6,), 1 / 6))
+    # sample 0: round 0 has two tokens, round 1 one; sample 1: one round of three tokens; each sample
+    # weighs 1 in all, spread evenly over its rounds (the caller divides by the total, 2)
+    assert torch.allclose(w, torch.tensor([1 / 4, 1 / 4, 1 / 2, 1 / 3, 1 / 3, 1 / 3]))
+    assert torch.allclose(tstar.token_weights(tb, "gae"), torch.ones(6))
 
 
 def test_one_cj_grpo_step_changes_the_policy_and_trains_no_value(every_token_stops):

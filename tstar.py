@@ -74,7 +74,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS (read at CUDA start)
+import torch  # noqa: E402
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -130,6 +132,11 @@ class Config:
     """EOSER's factor at a block's first step"""
     eoser_gamma_max: float = 1.0
     """EOSER's factor at a block's last step"""
+    rollout_batch: int = 0
+    """rows per sampler call, for RL rollouts and evaluation (0 = auto: as many as fit in free GPU memory,
+    from the KV cache's bytes per row; 256 on the CPU)"""
+    compile: bool = False
+    """run the sampler's forward passes as captured CUDA graphs (CUDA only; the advice on a GPU)"""
 
     # --- data ---
     train_size: int = 20000
@@ -154,8 +161,8 @@ class Config:
     """samples per evaluation problem: accuracy is their mean, pass@k uses all k of them"""
     eval_limit: int = 0
     """evaluate only the first N problems of each evaluation set (0 = all)"""
-    eval_batch: int = 64
-    """rows per sampler batch during evaluation"""
+    eval_batch: int = 0
+    """rows per sampler call during evaluation (0 = --rollout-batch)"""
     show_trajectory: bool = False
     """print the decoding order of a few evaluation samples after each evaluation"""
 
@@ -1204,12 +1211,24 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 
 
 def score_sequences(model, value_head, tb: TraceBatch, seqs: Sequence[int], micro_batch: int, block_size: int,
-                    offset: int, pad_id: int):
+                    offset: int, pad_id: int, n_chunks: int | None = None):
     """Forward the chosen training sequences in micro-batches. Yields (targets, logp, values) per
-    micro-batch: the indices of its targets in tb's flat arrays and their log-probs and values (M_mb,)."""
+    micro-batch: the indices of its targets in tb's flat arrays and their log-probs and values (M_mb,).
+
+    n_chunks: yield exactly this many micro-batches, the last ones empty. Under FSDP every process must run
+    the same number of forwards (each one gathers the sharded weights with the others); an empty
+    micro-batch forwards a one-token dummy and yields zero-length slices of its outputs, so a loss built
+    from them is 0 and its backward still reaches every weight."""
     dev = next(model.parameters()).device
-    for start in range(0, len(seqs), micro_batch):
-        chunk = seqs[start: start + micro_batch]
+    chunks = [seqs[i: i + micro_batch] for i in range(0, len(seqs), micro_batch)]
+    for chunk in chunks + [[]] * ((n_chunks or len(chunks)) - len(chunks)):
+        if not chunk:                                        # the dummy: one clean token, its own target
+            one = torch.tensor([[pad_id]], device=dev)
+            z = torch.zeros_like(one)
+            logp, values = forward_targets(model, one, z, z.bool(), z == 0, z[0], z[0], one[0], block_size, 0,
+                                           value_head)
+            yield torch.zeros(0, dtype=torch.long), logp[:0], None if values is None else values[:0]
+            continue
         counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
         tgt = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in chunk])
         ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
@@ -1303,19 +1322,36 @@ def clipped_value_loss(values, values_old, returns, clip_eps: float):
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
+def token_advantages(outcome, sample, token, step, values, gamma: float = 1.0, lam: float = 1.0):
+    """Per-target advantages and returns of TraceRL (equations above), for the targets of S samples.
+
+    outcome: (S,) each sample's z-scored reward; sample, token, step, values: (M,) per target its sample
+    (0..S-1), its index in the response, the denoising step that committed it, and V_old. The outcome is
+    the reward of the tokens of the sample's last step; every other token's reward is 0. Returns (M,), (M,)."""
+    steps = torch.zeros(len(outcome), int(token.max()) + 1, dtype=torch.long)     # (S, L) step maps, 0 = none
+    steps[sample, token] = step
+    v = torch.zeros(steps.shape)
+    v[sample, token] = values
+    last = steps.max(1, keepdim=True).values                                    # (S, 1) each sample's final step
+    reward = torch.where(steps == last, outcome[:, None].float(), 0.0)            # (S, L)
+    adv, ret = gae_over_steps(reward, v, steps, gamma, lam)
+    return adv[sample, token], ret[sample, token]
+
+
 def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
-    """Weight of each target in the policy loss, summing to 1 over the batch (section 8 header)."""
+    """Weight of each target in the policy loss, before normalisation (section 8 header):
+    gae: 1 per token (the loss is a mean over tokens); group: 1 / (tokens in its round) / (rounds of its
+    sample), so that each sample weighs 1, spread evenly over its rounds. The caller divides by the sum of
+    the weights over all processes, which makes the loss of N processes that of one on their union."""
     M = len(tb.label)
     if mode == "gae":
-        return torch.full((M,), 1.0 / max(M, 1))
-    # group: 1 / (tokens in its round) / (rounds of its sample) / (samples)
+        return torch.ones(M)
     key = tb.sample * (int(tb.round.max()) + 1 if M else 1) + tb.round
     _, inv, per_round = torch.unique(key, return_inverse=True, return_counts=True)
     _, s_inv = torch.unique(tb.sample, return_inverse=True)
     rounds_per_sample = torch.zeros(int(s_inv.max()) + 1 if M else 0).scatter_reduce(
         0, s_inv, tb.round.float() + 1, reduce="amax")
-    n_samples = len(rounds_per_sample)
-    return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv] * max(n_samples, 1))
+    return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv])
 
 
 # ======================================================================================================
@@ -1341,100 +1377,190 @@ def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction:
     return plan
 
 
-def rl_step(model, value_head, opt, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int,
-            offset: int, generator) -> dict:
-    """One TraceRL step: rollouts, rewards, trace rounds, old log-probs and values, advantages, update."""
-    t0 = time.time()
-    dev = next(model.parameters()).device
-    G, mask_id, pad_id = cfg.group_size, tokenizer.mask_token_id, tokenizer.eos_token_id
-    prompts = [encode_prompt(tokenizer, p["question"], cfg) for p in problems for _ in range(G)]
+class Sampler:
+    """What the sampler runs on, for rollouts and evaluation. On one process with weights already in the
+    compute dtype (the CPU default, fp32) that is the policy itself, so the trainer recomputes the
+    sampler's log-probs exactly. Otherwise (bf16 on CUDA; always under FSDP, where no process holds whole
+    weights) it is a copy of the policy in the compute dtype, refreshed from the policy's weights before
+    every use: one gather per optimizer step, not one per layer per denoising step. The copy's keys and
+    values are in the compute dtype too. Rows are decoded `rows` at a time (--rollout-batch), all batches
+    of one call sharing one Decoder: one KV cache and, with graphs, one set of CUDA graphs."""
 
-    # 1. rollouts (temperature 1, dynamic remasking by default), rewards; a response cut by the length
-    #    limit scores 0
-    with autocast(cfg, dev):
-        gens = generate(model, prompts, **sampler_kwargs(cfg, model, tokenizer, block_size, rollout=True),
-                        offset=offset, generator=generator)
-    rewards = torch.tensor([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
-                            for g, p in zip(gens, (p for p in problems for _ in range(G)))]).view(-1, G)
-    adv_sample, keep = group_advantages(rewards, cfg.advantage, parse_band(cfg.acc_band))    # (prompts, G)
+    def __init__(self, policy, dtype: torch.dtype, rows: int, graphs: bool = False):
+        from transformers import Qwen3ForCausalLM
+
+        self.policy, self.rows, self.graphs = policy, rows, graphs
+        p = next(policy.parameters())
+        if p.dtype == dtype and not is_sharded(policy):
+            self.model = policy
+        else:
+            with torch.device("meta"):
+                self.model = Qwen3ForCausalLM(policy.config)
+            self.model.to_empty(device=p.device).to(dtype).eval().requires_grad_(False)
+            self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Copy the policy's current weights and buffers (the rotary frequencies, which no state_dict holds)
+        into the copy, by name."""
+        if self.model is self.policy:
+            return
+        theirs = dict(self.policy.named_parameters()) | dict(self.policy.named_buffers())
+        for name, mine in [*self.model.named_parameters(), *self.model.named_buffers()]:
+            mine.copy_(full_tensor(theirs[name]))
+
+    def generate(self, prompts, *, rows: int | None = None, desc: str = "", **kwargs) -> list[Generation]:
+        """generate() over all prompts, `rows` at a time (default --rollout-batch), with one Decoder sized for
+        the longest. Torch's deterministic-algorithms switch (on for CUDA runs) is off meanwhile: the
+        sampler's ops are deterministic as written, and the switch would swap in sort-based kernels for its
+        in-place writes (index_copy_, scatter_) that gain nothing here."""
+        if not prompts:
+            return []
+        rows = min(rows or self.rows, len(prompts))
+        width = max(map(len, prompts)) + kwargs["max_new_tokens"] + 2 * kwargs["block_size"]
+        decoder = Decoder(self.model, rows, width, graphs=self.graphs)
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(False)
+        gens = []
+        try:
+            for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False,
+                          disable=not is_main() or len(prompts) <= rows):
+                gens += generate(self.model, prompts[i: i + rows], decoder=decoder, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(deterministic, warn_only=True)
+        return gens
+
+
+@dataclass
+class Rollouts:
+    """The samples of one RL step on this process, G per problem."""
+    prompts: list            # per sample: the prompt's token ids
+    gens: list               # per sample: its Generation
+    rewards: torch.Tensor    # (problems, G): 1/0 correctness; a response cut by the length limit scores 0
+    block_size: int
+    offset: int
+
+
+def collect_rollouts(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
+                     block_size: int, offset: int, generator) -> Rollouts:
+    """G samples per problem at the rollout temperature (1.0; dynamic remasking by default), and rewards."""
+    G = cfg.group_size
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems for _ in range(G)]
+    sampler.refresh()
+    gens = sampler.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
+                            **sampler_kwargs(cfg, sampler.model, tokenizer, block_size, rollout=True))
+    rewards = [reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
+               for g, p in zip(gens, (p for p in problems for _ in range(G)))]
+    return Rollouts(prompts, gens, torch.tensor(rewards).view(-1, G), block_size, offset)
+
+
+def rl_step(policy, value_head, opt, sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
+            block_size: int, offset: int, generator) -> dict:
+    """One TraceRL step: rollouts from the sampler, then a PPO update of the policy and the value head.
+    `generator` drives the sampling on the model's device; the shuffle of the update runs on the CPU (on
+    the CPU that is the same generator, continued)."""
+    t0 = time.time()
+    ro = collect_rollouts(sampler, tokenizer, problems, reward_fn, cfg, block_size, offset, generator)
+    shuffle = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
+    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id, shuffle)
+    return {**stats, "seconds": time.time() - t0}
+
+
+def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int, pad_id: int, shuffle) -> dict:
+    """The TraceRL update on a batch of rollouts (steps 2-5 below). Under FSDP each process passes its own
+    rollouts; every mean is taken over all processes, so N processes make the update one process would
+    make on the union of their rollouts (with --minibatches 1; with more, each process splits its own)."""
+    dev = next(policy.parameters()).device
+    B, offset, G = ro.block_size, ro.offset, cfg.group_size
+    adv_sample, keep = group_advantages(ro.rewards, cfg.advantage, parse_band(cfg.acc_band))    # (prompts, G)
     kept = keep.flatten().nonzero()[:, 0].tolist()
-    stats = {"accuracy": rewards.mean().item(), "kept": len(kept) / len(gens),
-             "tpf": tokens_per_forward([g.n_tokens for g in gens], [g.nfe for g in gens]),
-             "local_strict": local_strict([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
-                                          block_size, offset),
-             "length": float(np.mean([g.n_tokens for g in gens]))}
+    stats = rollout_stats(ro.gens, ro.rewards, B, offset)
+    stats["kept"] = dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens)))
 
     # 2. the states the sampler visited, as training sequences
-    tb = build_trace_batch(prompts, gens, kept, block_size, offset, cfg.shrink, mask_id)
+    tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id)
     seqs = list(range(len(tb.ids)))
     M = len(tb.label)
-    stats.update(traj_gap=0.0, explained_var=0.0, clip_frac=0.0, approx_kl=0.0, value_loss=0.0)
+    stats.update(traj_gap=0.0, explained_var=0.0, clip_frac=0.0, kl=0.0, value_loss=0.0, policy_loss=0.0,
+                 grad_norm=0.0)
     if dist_sum(M) == 0:                         # no prompt with signal on any process: nothing to learn
-        return {**stats, "seconds": time.time() - t0}
+        return stats
+    n_proc = world()[1]
 
     # 3. old log-probs and values: the pre-update weights, the same layout
     logp_old, v_old = torch.zeros(M), torch.zeros(M)
+    n_chunks = dist_max(math.ceil(len(seqs) / cfg.micro_batch))
     with torch.no_grad(), autocast(cfg, dev):
-        for tgt, logp, values in score_sequences(model, value_head, tb, seqs, cfg.micro_batch, block_size,
-                                                 offset, pad_id):
+        for tgt, logp, values in score_sequences(policy, value_head, tb, seqs, cfg.micro_batch, B, offset, pad_id,
+                                                 n_chunks):
             logp_old[tgt], v_old[tgt] = logp.float().cpu(), values.float().cpu()
-    if M:
-        stats["traj_gap"] = (logp_old - tb.sampler_logp).abs().max().item()
+    stats["traj_gap"] = dist_max((logp_old - tb.sampler_logp).abs().max().item() if M else 0.0)
 
     # 4. advantages per target token: GAE over each sample's denoising steps (TraceRL) or the sample's
     #    group advantage on every token (CJ-GRPO)
     if cfg.advantage == "gae":
         adv, ret = torch.zeros(M), torch.zeros(M)
         if M:                                    # (a process can hold no kept sample while others do)
-            row = torch.full((len(gens),), -1, dtype=torch.long)
+            row = torch.full((len(ro.gens),), -1, dtype=torch.long)
             row[kept] = torch.arange(len(kept))
-            r = row[tb.sample]                                                    # (M,) row of the target's sample
-            step = torch.zeros(len(kept), int(tb.token.max()) + 1, dtype=torch.long)
-            step[r, tb.token] = tb.step                                           # (kept, L) step maps, 0 = none
-            values = torch.zeros(step.shape)
-            values[r, tb.token] = v_old
-            last = step.max(1, keepdim=True).values                               # each sample's final step
-            token_r = torch.where(step == last, adv_sample.flatten()[kept][:, None], 0.0)  # outcome, last step
-            adv_tok, ret_tok = gae_over_steps(token_r, values, step, cfg.gamma, cfg.gae_lambda)
-            adv, ret = adv_tok[r, tb.token], ret_tok[r, tb.token]
-        if M > 1:
-            stats["explained_var"] = (1 - (ret - v_old).var() / ret.var().clamp(min=1e-8)).item()
+            adv, ret = token_advantages(adv_sample.flatten()[kept], row[tb.sample], tb.token, tb.step, v_old,
+                                        cfg.gamma, cfg.gae_lambda)
+        stats["explained_var"] = explained_variance(ret, v_old)
     else:
         adv, ret = adv_sample.flatten()[tb.sample], None
     weights = token_weights(tb, cfg.advantage)
 
-    # 5. PPO update: --minibatches optimizer steps, each on a shuffled share of the sequences
-    model.train()
-    order = torch.randperm(len(seqs), generator=generator).tolist()
-    clipped, kls, vlosses = [], [], []
+    # 5. PPO update: --minibatches optimizer steps, each on a shuffled share of the sequences. The losses are
+    #    divided by global sums (weights, tokens); FSDP averages gradients over the N processes, so each
+    #    loss is also multiplied by N: the gradient is that of the global mean.
+    policy.train()
+    order = torch.randperm(len(seqs), generator=shuffle).tolist()
+    clipped, kls, vlosses, plosses, norms = [], [], [], [], []
     for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches):
         mb = mb.tolist()
         tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb] or
                             [torch.zeros(0, dtype=torch.long)])
-        norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)               # over all processes
+        norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)              # over all processes
         n_tok = max(dist_sum(len(tgt_all)), 1)
-        opt.zero_grad(set_to_none=True)
+        n_chunks = dist_max(math.ceil(len(mb) / cfg.micro_batch))
         with autocast(cfg, dev):
-            for tgt, logp, values in score_sequences(model, value_head, tb, mb, cfg.micro_batch, block_size,
-                                                     offset, pad_id):
+            for tgt, logp, values in score_sequences(policy, value_head, tb, mb, cfg.micro_batch, B, offset,
+                                                     pad_id, n_chunks):
                 per_tok, ratio, kl = ppo_token_loss(logp.float(), logp_old[tgt].to(dev), adv[tgt].to(dev),
                                                     cfg.clip_eps, cfg.beta)
                 loss = (per_tok * weights[tgt].to(dev)).sum() / norm
+                plosses.append(loss.item())
                 if ret is not None:
                     vl = clipped_value_loss(values, v_old[tgt].to(dev), ret[tgt].to(dev), cfg.clip_eps)
                     loss = loss + vl.sum() / n_tok
                     vlosses.append(vl.detach().cpu())
-                loss.backward()
+                (loss * n_proc).backward()
                 clipped.append(((ratio - 1).abs() > cfg.clip_eps).detach().cpu())
                 kls.append(kl.detach().cpu())
-        all_reduce_grads(model, value_head)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norms.append(float(full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))))
         opt.step()
-    if clipped:
-        stats.update(clip_frac=torch.cat(clipped).float().mean().item(), approx_kl=torch.cat(kls).mean().item())
+        opt.zero_grad(set_to_none=True)          # free the gradients before the next rollouts
+    clipped, kls = torch.cat(clipped).float(), torch.cat(kls)
+    stats.update(clip_frac=dist_sum(clipped.sum().item()) / max(1.0, dist_sum(len(clipped))),
+                 kl=dist_sum(kls.sum().item()) / max(1.0, dist_sum(len(kls))),
+                 policy_loss=dist_sum(sum(plosses)) / cfg.minibatches, grad_norm=float(np.mean(norms)))
     if vlosses:
-        stats["value_loss"] = torch.cat(vlosses).mean().item()
-    return {**stats, "seconds": time.time() - t0}
+        vlosses = torch.cat(vlosses)
+        stats["value_loss"] = dist_sum(vlosses.sum().item()) / max(1.0, dist_sum(len(vlosses)))
+    return stats
+
+
+def explained_variance(returns, values) -> float:
+    """1 - Var(R - V) / Var(R) over the targets of all processes (0 when the returns do not vary)."""
+    n = dist_sum(len(returns))
+    if n < 2:
+        return 0.0
+    mean = dist_sum(returns.sum().item()) / n
+    var_r = dist_sum(((returns - mean) ** 2).sum().item()) / n
+    err = returns - values
+    err_mean = dist_sum(err.sum().item()) / n
+    var_e = dist_sum(((err - err_mean) ** 2).sum().item()) / n
+    return 1 - var_e / var_r if var_r > 1e-8 else 0.0
 
 
 # ======================================================================================================
@@ -1475,20 +1601,32 @@ def local_strict_counts(step_maps, prompt_lens, block_size: int, offset: int = 0
     return ordered, pairs
 
 
+def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: int = 0) -> dict:
+    """accuracy, TPF, LocalStrict, mean length and NFE, and the fraction of responses cut by the length
+    limit (TRL's clipped_ratio), each a ratio of sums over the samples of all processes."""
+    ordered, pairs = local_strict_counts([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
+                                         block_size, offset)
+    s = {k: dist_sum(v) for k, v in dict(
+        samples=len(gens), correct=float(torch.as_tensor(rewards).sum()), tokens=sum(g.n_tokens for g in gens),
+        nfe=sum(g.nfe for g in gens), ordered=ordered, pairs=pairs, cut=sum(not g.stopped for g in gens)).items()}
+    n = max(1.0, s["samples"])
+    return dict(accuracy=s["correct"] / n, tpf=s["tokens"] / max(1.0, s["nfe"]),
+                local_strict=s["ordered"] / s["pairs"] if s["pairs"] else float("nan"),
+                length=s["tokens"] / n, nfe=s["nfe"] / n, clipped_ratio=s["cut"] / n)
+
+
 # ======================================================================================================
 # 11. main: presets, data, logging, checkpoints, the T* loop
 # ======================================================================================================
 
-# The paper's setting, switched on when --model is a checkpoint (design.md sections 5-6). Every value
-# can still be overridden on the command line.
+# The paper's setting, switched on when --model is a checkpoint (TraceRL arXiv 2509.06949 and T* arXiv
+# 2601.11214). Every value can still be overridden on the command line.
 SDAR_PRESET = dict(
     out_dir="runs/sdar", train_dataset="math", eval_datasets="math500", block_sizes="4,8,16,32",
     steps_per_stage=100, prompts_per_step=64, group_size=16, rollout_temperature=1.0, temperature=1.0,
     remasking="dynamic", threshold=0.9, max_new_tokens=2000, lr=1e-6, value_lr=1e-4, grad_clip=1.0,
-    acc_band="0.2,0.8", eval_samples=3, eval_batch=32, micro_batch=4, grad_checkpointing=True,
+    acc_band="0.2,0.8", eval_samples=3, micro_batch=4, grad_checkpointing=True,
 )
-
-
 def finalize_config(cfg: Config, given: set[str]) -> Config:
     """Apply the preset for checkpoints, then check every setting: one clear error for the first bad one."""
     if not is_toy_model(cfg.model):
@@ -1506,6 +1644,8 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         (cfg.remasking in REMASKINGS, f"--remasking must be one of {', '.join(REMASKINGS)}, got {cfg.remasking!r}"),
         (cfg.advantage in ("gae", "group"), f"--advantage must be gae or group, got {cfg.advantage!r}"),
         (cfg.micro_batch >= 1, f"--micro-batch must be >= 1, got {cfg.micro_batch}"),
+        (cfg.rollout_batch >= 0, f"--rollout-batch must be >= 1 (or 0 = auto), got {cfg.rollout_batch}"),
+        (cfg.eval_batch >= 0, f"--eval-batch must be >= 1 (or 0 = --rollout-batch), got {cfg.eval_batch}"),
         (cfg.minibatches >= 1, f"--minibatches must be >= 1, got {cfg.minibatches}"),
         (cfg.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples), got {cfg.group_size}"),
         (cfg.prompts_per_step >= 1, f"--prompts-per-step must be >= 1, got {cfg.prompts_per_step}"),
@@ -1569,7 +1709,7 @@ def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool
                 eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
 
 
-def encode_prompt(tokenizer, question: str, cfg: Config | None = None) -> list[int]:
+def encode_prompt(tokenizer, question: str) -> list[int]:
     """Checkpoints with a chat template get it (one user turn, generation prompt); the tiny model's
     character tokenizer reads the question as it is."""
     if getattr(tokenizer, "chat_template", None):
@@ -1580,6 +1720,12 @@ def encode_prompt(tokenizer, question: str, cfg: Config | None = None) -> list[i
 
 
 # --- distributed (torchrun) -----------------------------------------------------------------------------
+# Under torchrun every process samples its share of the prompts from a full copy of the weights (Sampler)
+# and trains its share of the sequences on the policy sharded by FSDP2 (fully_shard): each decoder layer,
+# the trunk (embedding, final norm) and the LM head are units whose fp32 weights, gradients and AdamW state
+# are split over the processes and gathered per unit for each forward; gradients are reduce-scattered.
+# The value head is a unit of its own. Every process must run the same number of forwards (score_sequences
+# pads with empty micro-batches). Metrics are summed over processes; only rank 0 prints, logs and saves.
 
 
 def is_main() -> bool:
@@ -1592,27 +1738,75 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def dist_sum(x: float) -> float:
-    """Sum of a number over all processes (the number itself when not distributed)."""
+def dist_reduce(x: float, op: str) -> float:
     import torch.distributed as dist
     if not dist.is_initialized():
         return x
     t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
     return t.item()
 
 
+def dist_sum(x: float) -> float:
+    """Sum of a number over all processes (the number itself when not distributed)."""
+    return dist_reduce(x, "SUM")
+
+
+def dist_max(x: float) -> int:
+    """Largest value of an integer over all processes."""
+    return int(dist_reduce(x, "MAX"))
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensor(t):
+    """The whole tensor behind a DTensor shard (a collective: every process must call it), else t."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard(model, value_head, device) -> None:
+    """FSDP2 over all processes: units per decoder layer, the trunk, the LM head and the value head."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world()[1],))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    for unit in (model.model, model.lm_head, value_head):    # called directly (hidden_states, forward_targets)
+        fully_shard(unit, mesh=mesh)
+
+
+def full_state_dict(module) -> dict:
+    """The module's whole weights as CPU tensors on rank 0 ({} elsewhere); every process takes part."""
+    out = {}
+    for k, v in module.state_dict().items():
+        v = full_tensor(v)
+        if is_main():
+            out[k] = v.detach().cpu()
+    return out
+
+
 def weights_digest(*modules) -> str:
-    """sha256 of every parameter's bytes: equal on all processes iff their weights are identical."""
+    """sha256 of every parameter's bytes (whole weights): equal on all processes iff they hold the same."""
     import hashlib
     h = hashlib.sha256()
     for p in (p for m in modules for p in m.parameters()):
-        h.update(p.detach().float().cpu().numpy().tobytes())
+        h.update(full_tensor(p).detach().float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
 def check_in_sync(*modules) -> list[str]:
-    """The weight digest of every process; stops with a clear error if they have drifted apart."""
+    """The weight digest of every process; stops with a clear error if they differ."""
     import torch.distributed as dist
     if not dist.is_initialized():
         return [weights_digest(*modules)]
@@ -1623,25 +1817,59 @@ def check_in_sync(*modules) -> list[str]:
     return digests
 
 
-def memory_estimate(model) -> str:
-    """What full fine-tuning needs beside activations, from the parameter count: fp32 master weights,
-    fp32 gradients, AdamW's two fp32 moments, and the bf16 copy autocast makes for the forward."""
-    n = sum(p.numel() for p in model.parameters())
-    gb = n / 1e9
-    return (f"{gb:.2f} B parameters -> weights {4 * gb:.1f} GB + gradients {4 * gb:.1f} GB + AdamW state "
-            f"{8 * gb:.1f} GB + bf16 forward copy {2 * gb:.1f} GB = {18 * gb:.1f} GB per GPU, plus activations")
+# --- memory and the rollout batch -----------------------------------------------------------------------
 
 
-def all_reduce_grads(*modules) -> None:
-    """Sum gradients over processes. Each process's loss is already divided by the global token count,
-    so the sum is the gradient of the global mean (what DDP computes, without wrapping the model)."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return
-    for p in (p for m in modules for p in m.parameters() if p.requires_grad):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
+def human(n: float, unit: str = "B") -> str:
+    """1234567 -> '1.23 MB'."""
+    for prefix in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.3g} {prefix}{unit}"
+        n /= 1000
+
+
+def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, device, training: bool,
+                copy: bool) -> tuple[int, str]:
+    """Rows per sampler call (--rollout-batch, or chosen here) and a one-line memory estimate per GPU:
+        training state  fp32 weights + gradients + AdamW's two moments, 16 bytes per parameter, / N under FSDP
+        rollout copy    the weights in the compute dtype (bf16: 2 bytes per parameter), whole on every GPU
+        KV cache        rows x layers x 2 x kv heads x head dim x dtype bytes x (prompt + new tokens + 2B)
+    plus per row the logits of a block (B x vocab x 4 bytes, a few times over) while a step proposes.
+    On CUDA the automatic batch is as many rows as fit in 90% of the free memory beside what training
+    will still allocate (AdamW's moments, the rollout copy); on the CPU it is 256."""
+    n_params = sum(p.numel() for p in model.parameters()) * (world()[1] if is_sharded(model) else 1)
+    dtype = compute_dtype(cfg, device)
+    B = max(sizes)
+    width = longest_prompt + cfg.max_new_tokens + 2 * B
+    kv_row = kv_cache_bytes_per_row(model.config, width, dtype)
+    per_row = kv_row + B * model.config.vocab_size * 4 * 6
+    n_proc = world()[1]
+    state = 16 * n_params / n_proc if training else n_params * torch.empty((), dtype=dtype).element_size()
+    copy_bytes = n_params * torch.empty((), dtype=dtype).element_size() if copy else 0
+    rows = cfg.rollout_batch
+    note = ""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        budget = 0.9 * free - (8 * n_params / n_proc if training else 0) - copy_bytes
+        fit = int(budget // per_row)
+        if fit < 1:
+            raise UsageError(f"not even one rollout row fits: a row needs {human(per_row)} ({width} tokens), and "
+                             f"{human(max(budget, 0))} of the {human(free)} free remain beside training; "
+                             f"lower --max-new-tokens or use more GPUs")
+        if rows and rows > fit:
+            raise UsageError(f"--rollout-batch {rows} needs {human(rows * per_row)} for its KV cache and logits "
+                             f"({human(per_row)} per row of {width} tokens); about {fit} rows fit in the "
+                             f"{human(max(budget, 0))} left of {human(free)} free")
+        if not rows:
+            rows = min(1024, fit if fit < 16 else fit // 8 * 8)
+            note = f", chosen from {human(free)} free"
+    rows = rows or 256
+    kv = rows * kv_row
+    line = (f"{human(n_params, '')} parameters; per GPU: training state {human(state)}"
+            f"{f' (/ {n_proc} processes)' if n_proc > 1 and training else ''} + rollout copy {human(copy_bytes)} + "
+            f"KV cache {human(kv)} ({rows} rows x {width} tokens) = {human(state + copy_bytes + kv)}, plus "
+            f"activations; rollout batch {rows} rows{note}")
+    return rows, line
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -1674,16 +1902,25 @@ def load_task(cfg: Config):
 
 
 def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | None = None) -> None:
-    """save_pretrained of model and tokenizer, plus the value head and a JSON of what this is. The info
-    file is written last: a directory without it is an unfinished save."""
+    """save_pretrained of the model's whole fp32 weights and the tokenizer, plus the value head and a JSON
+    of what this is, written by rank 0 into a temporary directory that is renamed into place at the end:
+    `path` either holds a whole checkpoint or does not exist. Every process must call it (FSDP gathers)."""
     from safetensors.torch import save_file
 
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    if value_head is not None:
-        save_file({k: v.contiguous() for k, v in value_head.state_dict().items()}, str(path / "value_head.safetensors"))
-    (path / "tstar.json").write_text(json.dumps(info or {}, indent=1))
+    weights, head = full_state_dict(model), full_state_dict(value_head) if value_head is not None else {}
+    if is_main():
+        import shutil
+        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        if head:
+            save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "value_head.safetensors"))
+        (tmp / "tstar.json").write_text(json.dumps(info or {}, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    barrier()
 
 
 def new_value_head(model) -> torch.nn.Linear:
@@ -1726,50 +1963,31 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
     return load_model_and_tokenizer(str(path), device, torch.float32)[0]
 
 
-def barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # --- evaluation over datasets and block sizes -----------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int, seed: int = 0):
+def evaluate(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int,
+             seed: int = 0):
     """Metrics of one evaluation set at one block size (offset 0), over all processes. Returns the
     metrics dict and this process's generations (for pictures of the decoding order)."""
     rank, size = world()
-    dev = next(model.parameters()).device
     mine = list(problems)[rank::size]
     n = cfg.eval_samples
-    prompts = [encode_prompt(tokenizer, p["question"], cfg) for p in mine for _ in range(n)]
-    generator = torch.Generator(dev).manual_seed(seed * 1000 + rank)
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in mine for _ in range(n)]
+    generator = torch.Generator(next(sampler.model.parameters()).device).manual_seed(seed * 1000 + rank)
     t0 = time.time()
-    gens = []
-    with autocast(cfg, dev):
-        for i in tqdm(range(0, len(prompts), cfg.eval_batch), desc=f"eval B={block_size}", leave=False,
-                      disable=not is_main() or len(prompts) <= cfg.eval_batch):
-            gens += generate(model, prompts[i: i + cfg.eval_batch],
-                             **sampler_kwargs(cfg, model, tokenizer, block_size), generator=generator)
-    seconds = time.time() - t0
+    gens = sampler.generate(prompts, rows=cfg.eval_batch or sampler.rows, desc=f"eval B={block_size}",
+                            generator=generator, **sampler_kwargs(cfg, sampler.model, tokenizer, block_size))
+    seconds = dist_sum(time.time() - t0) / size
     rewards = np.array([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
                         for g, p in zip(gens, (p for p in mine for _ in range(n)))]).reshape(-1, n)
-    ordered, pairs = local_strict_counts([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
-                                         block_size)
-    sums = {k: dist_sum(v) for k, v in dict(
-        problems=len(mine), samples=len(gens), correct=rewards.sum(),
-        passed=sum(pass_at_k(n, int(c), n) for c in rewards.sum(1)),
-        tokens=sum(g.n_tokens for g in gens), nfe=sum(g.nfe for g in gens),
-        ordered=ordered, pairs=pairs, seconds=seconds).items()}
-    metrics = dict(block_size=block_size, accuracy=sums["correct"] / max(1, sums["samples"]),
-                   **{f"pass@{n}": sums["passed"] / max(1, sums["problems"])},
-                   tpf=sums["tokens"] / max(1, sums["nfe"]),
-                   local_strict=sums["ordered"] / sums["pairs"] if sums["pairs"] else float("nan"),
-                   length=sums["tokens"] / max(1, sums["samples"]), nfe=sums["nfe"] / max(1, sums["samples"]),
-                   tokens_per_s=sums["tokens"] / max(1e-9, sums["seconds"] / world()[1]),
-                   problems=int(sums["problems"]))
-    return metrics, gens
+    metrics = rollout_stats(gens, rewards, block_size)
+    n_problems = dist_sum(len(mine))
+    metrics.update({f"pass@{n}": dist_sum(sum(pass_at_k(n, int(c), n) for c in rewards.sum(1))) / max(1, n_problems),
+                    "tokens_per_s": metrics["length"] * dist_sum(len(gens)) / max(1e-9, seconds),
+                    "problems": int(n_problems)})
+    return dict(block_size=block_size, **metrics), gens
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
@@ -1873,19 +2091,20 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg: Config, out: Path, log: MetricsLog, stage: int,
-                   label: str, stage_block_size: int, step: int) -> None:
+def evaluate_stage(sampler: Sampler, tokenizer, eval_sets, reward_fn, cfg: Config, out: Path, log: MetricsLog,
+                   stage: int, label: str, stage_block_size: int, step: int) -> None:
     """Evaluate at every evaluation block size, log it, and draw the decoding order at the stage's B."""
+    sampler.refresh()
     for name, problems in eval_sets.items():
         for B in parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes"):
-            metrics, gens = evaluate(model, tokenizer, problems, reward_fn, cfg, B, seed=cfg.seed + stage)
+            metrics, gens = evaluate(sampler, tokenizer, problems, reward_fn, cfg, B, seed=cfg.seed + stage)
             log.write(dict(kind="eval", stage=stage, label=label, dataset=name, stage_block_size=stage_block_size,
                            step=step, **metrics))
             if is_main():
                 print(f"  eval {label:>10} {name} B={B:<3d} acc {metrics['accuracy']:.3f}  "
                       f"pass@{cfg.eval_samples} {metrics[f'pass@{cfg.eval_samples}']:.3f}  TPF {metrics['tpf']:.2f}  "
                       f"LocalStrict {metrics['local_strict']:.3f}  len {metrics['length']:.1f}  "
-                      f"{metrics['tokens_per_s']:.0f} tok/s")
+                      f"cut {metrics['clipped_ratio']:.2f}  {metrics['tokens_per_s']:.0f} tok/s")
                 if (B == stage_block_size or cfg.eval_only) and gens:     # eval-only: a picture per B
                     plot_trajectories(gens[:8], B, out / f"trajectory-{stage}-{label}-B{B}.png",
                                       f"{label}: decoding order at B={B} ({name})")
@@ -1920,29 +2139,14 @@ def stage_dir(out: Path, stage: int, block_size: int) -> Path:
     return out / f"stage{stage}-B{block_size}"
 
 
-def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, out: Path, device) -> None:
-    """The T* loop: stages of TraceRL at growing block sizes, evaluation and a checkpoint after each."""
+def train(cfg: Config, model, value_head, sampler: Sampler, tokenizer, train_problems, eval_sets, reward_fn,
+          out: Path, device, done: int, log: MetricsLog) -> None:
+    """The T* loop: stages of TraceRL at growing block sizes, evaluation and a checkpoint after each;
+    `done` stages were finished by an earlier run (--resume)."""
     plan = stage_plan(parse_int_list(cfg.block_sizes, "--block-sizes"), cfg.steps_per_stage, cfg.shift_fraction,
                       cfg.direct)
-    value_head = new_value_head(model)
-    done = 0                                        # stages already finished
-    if cfg.resume:
-        done = last_finished_stage(out)
-        path = stage_dir(out, done, plan[done - 1][0]) if done <= len(plan) else None
-        if path is None or not path.is_dir() or \
-                json.loads((path / "tstar.json").read_text()).get("plan") != json.loads(json.dumps(plan)):
-            raise UsageError(f"--resume: {out} was made with another curriculum; resume with the same flags")
-        model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
-        value_head = load_value_head(model, path)
-        if is_main():
-            print(f"resuming after stage {done} from {path}")
-    log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
     if done == 0:
-        evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
-    if cfg.grad_checkpointing:                   # (the method's name changed in transformers 5.x)
-        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-    if is_main():
-        print("memory estimate: " + memory_estimate(model))
+        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
     rank, size = world()
     for k in range(done, len(plan)):
         B, offsets = plan[k]
@@ -1953,26 +2157,22 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
             rng = random.Random(f"{cfg.seed}-{k}-{step}")                       # same on every process
             problems = rng.sample(train_problems, cfg.prompts_per_step)[rank::size]
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k * 10_007 + step * 101 + rank)
-            stats = rl_step(model, value_head, opt, tokenizer, problems, reward_fn, cfg, B, offset, generator)
-            global_step = k * cfg.steps_per_stage + step + 1
-            record = dict(kind="train", stage=stage, block_size=B, offset=offset, stage_step=step, step=global_step,
-                          **{key: dist_sum(stats[key]) / size for key in sorted(stats)})   # same order everywhere
-            log.write(record)
+            stats = rl_step(model, value_head, opt, sampler, tokenizer, problems, reward_fn, cfg, B, offset, generator)
+            r = dict(kind="train", stage=stage, block_size=B, offset=offset, stage_step=step,
+                     step=k * cfg.steps_per_stage + step + 1, **stats)
+            log.write(r)
             if is_main():
-                print(f"stage {stage} B={B:<2d} off={offset:<2d} step {global_step:4d} | "
-                      f"acc {record['accuracy']:.3f} kept {record['kept']:.2f} TPF {record['tpf']:.2f} "
-                      f"LS {record['local_strict']:.3f} len {record['length']:.1f} | "
-                      f"clip {record.get('clip_frac', 0):.3f} kl {record.get('approx_kl', 0):.2e} "
-                      f"vloss {record.get('value_loss', 0):.3f} ev {record.get('explained_var', 0):+.2f} "
-                      f"gap {record.get('traj_gap', 0):.1e} | {record['seconds']:.1f}s", flush=True)
-        evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
+                print(f"stage {stage} B={B:<2d} off={offset:<2d} step {r['step']:4d} | acc {r['accuracy']:.3f} "
+                      f"kept {r['kept']:.2f} cut {r['clipped_ratio']:.2f} TPF {r['tpf']:.2f} LS {r['local_strict']:.3f} "
+                      f"len {r['length']:.1f} | loss {r['policy_loss']:+.3f} clip {r['clip_frac']:.3f} "
+                      f"kl {r['kl']:.1e} gnorm {r['grad_norm']:.2f} vloss {r['value_loss']:.3f} "
+                      f"ev {r['explained_var']:+.2f} gap {r['traj_gap']:.1e} | {r['seconds']:.1f}s", flush=True)
+        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
                        stage * cfg.steps_per_stage)
-        digests = check_in_sync(model, value_head)
-        if is_main():
-            save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
-                            info=dict(task=cfg.train_dataset, stage=stage, block_size=B, plan=plan,
-                                      config=dataclasses.asdict(cfg), weights_sha256_per_process=digests))
-        barrier()
+        digests = check_in_sync(sampler.model, value_head)
+        save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
+                        info=dict(task=cfg.train_dataset, stage=stage, block_size=B, plan=plan,
+                                  config=dataclasses.asdict(cfg), weights_sha256_per_process=digests))
     if is_main():
         table = results_table(log.records, cfg)
         (out / "results.md").write_text(table + "\n")
@@ -1980,22 +2180,35 @@ def train(cfg: Config, model, tokenizer, train_problems, eval_sets, reward_fn, o
         print("\n" + table + f"\n\nwrote {out / 'metrics.jsonl'}, {out / 'results.md'}, {out / 'curves.png'}")
 
 
-def run(cfg: Config) -> None:
+def setup_device(cfg: Config) -> torch.device:
+    """The device, and under torchrun the process group (NCCL on CUDA, gloo on the CPU): one GPU per
+    process. On CUDA, deterministic algorithms (and the cuBLAS workspace setting, made at import), so that
+    --resume reproduces an uninterrupted run."""
     import torch.distributed as dist
 
     device = resolve_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+            if per_node > gpus:
+                raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU(s): "
+                                 f"use --nproc_per_node {gpus} (or --device cpu)")
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-    if cfg.prompts_per_step < world()[1] and not cfg.eval_only:
-        raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} is less than the {world()[1]} processes")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
+
+
+def run(cfg: Config) -> None:
+    device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if is_main():
         print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    storage = compute_dtype(cfg, device) if cfg.eval_only else torch.float32
+    dtype = compute_dtype(cfg, device)
+    storage = dtype if cfg.eval_only else torch.float32        # training keeps fp32 master weights
     model, tokenizer = load_model_and_tokenizer(cfg.model, device, storage)
     all_block_sizes = sorted(set(parse_int_list(cfg.block_sizes, "--block-sizes") + [cfg.block_size] +
                                  parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")))
@@ -2006,25 +2219,55 @@ def run(cfg: Config) -> None:
         raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
     out.mkdir(parents=True, exist_ok=True)
     train_problems, eval_sets, reward_fn = load_task(cfg)
-    longest = max(len(encode_prompt(tokenizer, p["question"], cfg))            # before a long warm start
+    longest = max(len(encode_prompt(tokenizer, p["question"]))                 # before a long warm start
                   for problems in [train_problems, *eval_sets.values()] for p in problems)
     for B in all_block_sizes:
         for offset in {0, B // 2}:
             check_fits(longest, cfg.max_new_tokens, model.config.max_position_embeddings, B, offset)
     if is_architecture_file(cfg.model):
         model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
+
+    plan = stage_plan(parse_int_list(cfg.block_sizes, "--block-sizes"), cfg.steps_per_stage, cfg.shift_fraction,
+                      cfg.direct)
+    done, value_head = 0, None
+    if cfg.resume and not cfg.eval_only:
+        done = last_finished_stage(out)
+        path = stage_dir(out, done, plan[done - 1][0]) if done <= len(plan) else None
+        if path is None or not path.is_dir() or \
+                json.loads((path / "tstar.json").read_text()).get("plan") != json.loads(json.dumps(plan)):
+            raise UsageError(f"--resume: {out} was made with another curriculum; resume with the same flags")
+        model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
+        value_head = load_value_head(model, path)
+        if is_main():
+            print(f"resuming after stage {done} from {path}")
+    value_head = value_head or new_value_head(model)
+    if not cfg.eval_only:
+        if cfg.grad_checkpointing:                 # (the method's name changed in transformers 5.x)
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        if world()[1] > 1:
+            shard(model, value_head, device)
+    graphs = cfg.compile and device.type == "cuda"
+    if cfg.compile and not graphs and is_main():
+        print(f"--compile: CUDA graphs need a CUDA device; the sampler runs eagerly on {device.type}")
+    copy = dtype != storage or is_sharded(model)
+    rows, line = memory_plan(cfg, model, all_block_sizes, longest, device, not cfg.eval_only, copy)
+    if is_main():
+        print("memory: " + line)
+    sampler = Sampler(model, dtype, rows, graphs)
     if cfg.eval_only:
         log = MetricsLog(out / "eval.jsonl")
-        evaluate_stage(model, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
+        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
         if is_main():
             columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
                        (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"), ("nfe", "NFE"),
-                       ("local_strict", "LocalStrict"), ("length", "mean length"), ("tokens_per_s", "tokens/s")]
+                       ("local_strict", "LocalStrict"), ("length", "mean length"), ("clipped_ratio", "cut"),
+                       ("tokens_per_s", "tokens/s")]
             table = format_table(log.records, columns)
             (out / "eval.json").write_text(json.dumps(log.records, indent=1))
             print("\n" + table + f"\n\nwrote {out / 'eval.json'}")
         return
-    train(cfg, model, tokenizer, train_problems, eval_sets, reward_fn, out, device)
+    log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
+    train(cfg, model, value_head, sampler, tokenizer, train_problems, eval_sets, reward_fn, out, device, done, log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2037,6 +2280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are saved; rerun with --resume to continue", file=sys.stderr)
         return 130
+    finally:
+        torch.use_deterministic_algorithms(False)       # (set for CUDA runs; main() may be called again)
     return 0
 
 
