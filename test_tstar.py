@@ -128,6 +128,97 @@ def test_one_token_per_step_gives_tpf_exactly_one(tiny):
     assert tstar.tokens_per_forward([len(g.ids) for g in gens], [g.nfe for g in gens]) == 1.0
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+STOPS = list(range(3, 30))      # a fifth of the tiny vocabulary: rows of a random model stop at different blocks
+
+
+def decode(model, tok, prompts, rows=None, graphs=False, **overrides):
+    """(ids, step_map, nfe) of every row, decoded `rows` at a time through one Decoder (None: plain)."""
+    kw = sample_kwargs(tok, **{"stop_ids": STOPS, "max_new_tokens": 40, **overrides})
+    if rows is None:
+        gens = tstar.generate(model, prompts, **kw)
+    else:
+        gens = tstar.Sampler(model, next(model.parameters()).dtype, rows, graphs).generate(prompts, **kw)
+    return [(g.ids, g.step_map, g.nfe, g.n_tokens, g.stopped) for g in gens]
+
+
+def many_prompts(tok, n=16):
+    return [tok.encode(PROMPTS[i % len(PROMPTS)] * (1 + i % 3)) for i in range(n)]
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_greedy_output_is_the_same_whatever_the_rollout_batch_and_with_static_shapes(tiny, offset):
+    """Rows decoded 1, 3 or 16 at a time, and with the fixed shapes of the CUDA-graph path (row buckets padded
+    with finished rows, key lengths in buckets), give the same tokens as one plain call. The rows stop at
+    different blocks, so finished rows are masked out and compacted along the way."""
+    model, tok = tiny
+    prompts = many_prompts(tok)
+    plain = decode(model, tok, prompts, offset=offset)
+    assert len({len(ids) for ids, *_ in plain}) >= 3                 # rows finish at different blocks
+    for rows, graphs in ((1, False), (3, False), (16, False), (16, True), (5, True)):
+        assert decode(model, tok, prompts, rows, graphs, offset=offset) == plain, (rows, graphs)
+
+
+def test_kv_cache_is_allocated_once_and_compacted_only_when_half_the_rows_are_done(tiny, monkeypatch):
+    model, tok = tiny
+    prompts = many_prompts(tok)
+    moves, allocations = [], []
+    keep_rows, init = tstar.KVCache.keep_rows, tstar.KVCache.__init__
+    monkeypatch.setattr(tstar.KVCache, "keep_rows", lambda self, keep: (moves.append(len(keep)), keep_rows(self, keep)))
+    monkeypatch.setattr(tstar.KVCache, "__init__", lambda self, *a, **k: (allocations.append(1), init(self, *a, **k))[-1])
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, stop_ids=STOPS, max_new_tokens=40))
+    assert allocations == [1]
+    assert moves and all(b <= a // 2 for a, b in zip([16] + moves, moves))   # each compaction halves the rows
+    assert len(moves) <= 4 and len({len(g.ids) for g in gens}) > len(moves) + 1
+
+
+def test_the_last_block_is_decoded_whole_and_the_response_cut_at_the_limit():
+    """SDAR rounds the length up to whole blocks: with a prompt of 4 and max_new_tokens 6 at B=4 the sampler
+    decodes two full blocks (8 tokens, each block from 4 masks), then cuts the response at 6. A stop token
+    at the 8th position is past the cut: the response counts as cut by the limit."""
+    V, stop = 6, 5
+    table = torch.full((12, V), -20.0)
+    for pos in range(4, 12):                         # each position: one likely token, its own confidence
+        table[pos, 1 + pos % 3] = 5.0 - 0.1 * pos
+    table[11, stop] = 9.0                            # position 11 (response token 8) is a stop token
+    model = FixedLogits(table)
+    kw = dict(mask_id=0, stop_ids=[stop], block_size=4, steps=4, remasking="static", max_new_tokens=6,
+              kv_cache=False)
+    g = tstar.generate(model, [[1, 2, 3, 1]], **kw)[0]
+    assert len(g.ids) == 8 and g.ids[-1] == stop
+    assert g.n_tokens == 6 and not g.stopped
+    assert sorted(g.step_map[4:]) == [5, 6, 7, 8]    # the last block: 4 masks, one committed per step
+    longer = tstar.generate(model, [[1, 2, 3, 1]], **{**kw, "max_new_tokens": 8})[0]
+    assert longer.ids == g.ids and longer.stopped and longer.n_tokens == 8
+
+
+@CUDA
+def test_greedy_generation_on_cuda_equals_the_cpu_tokens_and_graphs_equal_eager(tiny):
+    model, tok = tiny
+    prompts = many_prompts(tok)
+    cpu = decode(model, tok, prompts)
+    gpu = model.to("cuda")
+    try:
+        assert decode(gpu, tok, prompts) == cpu                          # fp32 on cuda
+        assert decode(gpu, tok, prompts, 16) == cpu                      # one decoder, in-place cache
+        assert decode(gpu, tok, prompts, 5, graphs=True) == cpu          # captured CUDA graphs
+    finally:
+        model.to("cpu")
+
+
+@CUDA
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="../shared/fixtures/sdar-tiny is absent")
+def test_cuda_graphs_give_the_eager_tokens_in_bf16_on_the_sdar_fixture():
+    model, tok = tstar.load_model_and_tokenizer(str(FIXTURE), "cuda", torch.bfloat16)
+    prompts = [tstar.encode_prompt(tok, q) for q in ("What is 1+1?", "Name a prime.", "Say hi", "2*3=?")]
+    kw = dict(mask_id=tok.mask_token_id, stop_ids=tstar.stop_token_ids(model, tok), block_size=4,
+              max_new_tokens=24)
+    eager = tstar.Sampler(model, torch.bfloat16, 4).generate(prompts, **kw)
+    graphs = tstar.Sampler(model, torch.bfloat16, 4, graphs=True).generate(prompts, **kw)
+    assert [g.ids for g in eager] == [g.ids for g in graphs]
+    assert [g.step_map for g in eager] == [g.step_map for g in graphs]
+
+
 def test_step_quotas_hand_worked():
     q = tstar.step_quotas(torch.tensor([4, 7, 2, 1]), 4, "static")
     assert q.tolist() == [[1, 1, 1, 1], [2, 2, 2, 1], [1, 1, 0, 0], [1, 0, 0, 0]]
@@ -400,7 +491,7 @@ def test_stage_plan_doubles_and_spreads_the_shifted_batches():
     assert [B for B, _ in tstar.stage_plan([4, 8, 16], 2, 0.5, direct=True)] == [32 // 2, 16, 16]
 
 
-TINY_RUN = ["--warm-start-steps", "600", "--warm-start-batch", "16", "--train-size", "2000", "--test-size", "8",
+TINY = ["--warm-start-steps", "600", "--warm-start-batch", "16", "--train-size", "2000", "--test-size", "8",
             "--steps-per-stage", "2", "--prompts-per-step", "8", "--group-size", "8", "--block-sizes", "4,8",
             "--max-new-tokens", "24"]
 
@@ -411,7 +502,7 @@ def tiny_warm_start(tmp_path_factory):
     tstar reuses it because its settings match."""
     import shutil
     made = tmp_path_factory.mktemp("warm")
-    assert tstar.main(TINY_RUN + ["--eval-only", "--out-dir", str(made)]) == 0
+    assert tstar.main(TINY + ["--device", "cpu", "--eval-only", "--out-dir", str(made)]) == 0
 
     def copy_to(out_dir):
         shutil.copytree(made / "warmstart", Path(out_dir) / "warmstart")
@@ -424,8 +515,12 @@ def weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_start):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_start, device):
+    """The whole run, then an interrupted run resumed: the same weights, bit for bit (on CUDA too: bf16
+    rollouts from a copy, fp32 master weights, deterministic algorithms)."""
     a, b = tmp_path / "a", tmp_path / "b"
+    TINY_RUN = TINY + ["--device", device]
     assert tstar.main(TINY_RUN + ["--out-dir", tiny_warm_start(a)]) == 0
     records = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "train" for r in records) == 4
@@ -460,6 +555,8 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
     (["--shift-fraction", "1.5"], "--shift-fraction"),
     (["--micro-batch", "0"], "--micro-batch"),
     (["--max-new-tokens", "250"], "exceeds the model's 256 positions"),
+    (["--rollout-batch", "0"], "--rollout-batch must be >= 1"),
+    (["--eval-batch", "0"], "--eval-batch must be >= 1"),
 ])
 def test_bad_input_gets_one_clear_line_and_exit_code_2(tmp_path, capsys, argv, message):
     assert tstar.main(argv + ["--out-dir", str(tmp_path)]) == 2
@@ -497,7 +594,7 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, tiny_warm_
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(HERE / "tstar.py"), *TINY_RUN, "--device", "cpu", "--out-dir", tiny_warm_start(tmp_path)]
+           str(HERE / "tstar.py"), *TINY, "--device", "cpu", "--out-dir", tiny_warm_start(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]
     for stage in ("stage1-B4", "stage2-B8"):
@@ -507,6 +604,25 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, tiny_warm_
     assert len(train) == 4                                           # one line per step, written by rank 0 only
     start, end = weights(tmp_path / "warmstart"), weights(tmp_path / "stage2-B8")
     assert any(not torch.equal(start[k], end[k]) for k in start)    # the ranks trained, and stayed identical
+
+
+@CUDA
+def test_more_torchrun_processes_than_gpus_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+    n = torch.cuda.device_count() + 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29534",
+           str(HERE / "tstar.py"), "--device", "cuda", "--out-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert "tstar: error: torchrun started" in done.stderr and "Traceback" not in done.stderr
+
+
+@CUDA
+def test_a_rollout_batch_that_cannot_fit_is_a_clear_error(tmp_path, capsys):
+    assert tstar.main(["--device", "cuda", "--rollout-batch", "100000000", "--warm-start-steps", "1",
+                       "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--rollout-batch 100000000 needs" in err and "rows fit" in err
 
 
 GRADING = [  # (response, gold, expected verdict)

@@ -132,8 +132,8 @@ class Config:
     """EOSER's factor at a block's first step"""
     eoser_gamma_max: float = 1.0
     """EOSER's factor at a block's last step"""
-    rollout_batch: int = 0
-    """rows per sampler call, for RL rollouts and evaluation (0 = auto: as many as fit in free GPU memory,
+    rollout_batch: int | None = None
+    """rows per sampler call, for RL rollouts and evaluation (default: as many as fit in free GPU memory,
     from the KV cache's bytes per row; 256 on the CPU)"""
     compile: bool = False
     """run the sampler's forward passes as captured CUDA graphs (CUDA only; the advice on a GPU)"""
@@ -161,8 +161,8 @@ class Config:
     """samples per evaluation problem: accuracy is their mean, pass@k uses all k of them"""
     eval_limit: int = 0
     """evaluate only the first N problems of each evaluation set (0 = all)"""
-    eval_batch: int = 0
-    """rows per sampler call during evaluation (0 = --rollout-batch)"""
+    eval_batch: int | None = None
+    """rows per sampler call during evaluation (default: --rollout-batch)"""
     show_trajectory: bool = False
     """print the decoding order of a few evaluation samples after each evaluation"""
 
@@ -844,19 +844,22 @@ KV_BUCKET = 256     # with CUDA graphs, a step attends to a multiple of this man
 
 class Decoder:
     """The sampler's forward passes. One per batch of generate calls (e.g. all rollouts of an RL step):
-    it holds the KV cache, sized for `rows` x `width`, and, with graphs=True on CUDA, one captured CUDA
-    graph per (rows, query width, key length), replayed at every step of that shape. Without a cache
+    it holds the KV cache, sized for `rows` x `width`. With graphs=True the steps have fixed shapes (rows
+    in powers of two, padded with finished rows; keys in multiples of KV_BUCKET, later slots masked), and
+    on CUDA each shape (rows, query width, key length) is captured once as a CUDA graph and replayed at
+    every step of that shape: one launch instead of ~50 kernel launches per layer. Without a cache
     (kv_cache=False) every step recomputes the whole prefix: slow, for checks and benchmarks only."""
 
     def __init__(self, model, rows: int, width: int, kv_cache: bool = True, graphs: bool = False):
         self.model, self.rows, self.graphs = model, rows, graphs
         p = next(model.parameters())
+        self.capture = graphs and p.device.type == "cuda"
         if graphs:
             width = KV_BUCKET * math.ceil(width / KV_BUCKET)
         self.width = width
         self.cache = KVCache(model.config, rows, width, p.dtype, p.device) if kv_cache else None
         self.captured: dict = {}
-        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def start(self, frame: Frame, block_size: int, offset: int) -> None:
         """Prefill: cache the clean keys and values of the prompts' whole blocks, columns [0, D)."""
@@ -864,8 +867,9 @@ class Decoder:
         n, D = frame.x.shape[0], frame.D
         if self.cache is None or D == 0:
             return
-        if self.cache.keys[0].shape[2] < frame.x.shape[1]:
-            raise ValueError("the frame is wider than the decoder's cache")
+        if self.cache.keys[0].shape[2] < frame.x.shape[1] or self.rows < n:
+            raise ValueError(f"a frame of {n} x {frame.x.shape[1]} does not fit the decoder's cache "
+                             f"({self.rows} x {self.cache.keys[0].shape[2]})")
         self.cache.rows, self.cache.kv_len = n, D
         self.cache.write_at = torch.arange(D, device=frame.x.device)
         q = slice(0, D)
@@ -891,8 +895,13 @@ class Decoder:
         if self.cache is None:
             return hidden_states(self.model, ids, frame.pos[:, :c + B], mask)[:, -B:]
         write_at = torch.arange(q0, c + B, device=dev)
-        if self.graphs:
-            return self.replay(ids, frame.pos[:, q0: c + B], mask, write_at)[:, -B:]
+        if self.capture:
+            try:
+                return self.replay(ids, frame.pos[:, q0: c + B], mask, write_at)[:, -B:]
+            except RuntimeError as e:                 # an op the capture cannot take: run eagerly from now on
+                self.capture = False
+                print(f"--compile: the step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
+                      f"the sampler runs eagerly", file=sys.stderr)
         self.cache.rows, self.cache.kv_len, self.cache.write_at = ids.shape[0], kv, write_at
         return hidden_states(self.model, ids, frame.pos[:, q0: c + B], mask, self.cache)[:, -B:]
 
@@ -1644,8 +1653,8 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         (cfg.remasking in REMASKINGS, f"--remasking must be one of {', '.join(REMASKINGS)}, got {cfg.remasking!r}"),
         (cfg.advantage in ("gae", "group"), f"--advantage must be gae or group, got {cfg.advantage!r}"),
         (cfg.micro_batch >= 1, f"--micro-batch must be >= 1, got {cfg.micro_batch}"),
-        (cfg.rollout_batch >= 0, f"--rollout-batch must be >= 1 (or 0 = auto), got {cfg.rollout_batch}"),
-        (cfg.eval_batch >= 0, f"--eval-batch must be >= 1 (or 0 = --rollout-batch), got {cfg.eval_batch}"),
+        (cfg.rollout_batch is None or cfg.rollout_batch >= 1, f"--rollout-batch must be >= 1, got {cfg.rollout_batch}"),
+        (cfg.eval_batch is None or cfg.eval_batch >= 1, f"--eval-batch must be >= 1, got {cfg.eval_batch}"),
         (cfg.minibatches >= 1, f"--minibatches must be >= 1, got {cfg.minibatches}"),
         (cfg.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples), got {cfg.group_size}"),
         (cfg.prompts_per_step >= 1, f"--prompts-per-step must be >= 1, got {cfg.prompts_per_step}"),
@@ -1977,7 +1986,7 @@ def evaluate(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, c
     prompts = [encode_prompt(tokenizer, p["question"]) for p in mine for _ in range(n)]
     generator = torch.Generator(next(sampler.model.parameters()).device).manual_seed(seed * 1000 + rank)
     t0 = time.time()
-    gens = sampler.generate(prompts, rows=cfg.eval_batch or sampler.rows, desc=f"eval B={block_size}",
+    gens = sampler.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
                             generator=generator, **sampler_kwargs(cfg, sampler.model, tokenizer, block_size))
     seconds = dist_sum(time.time() - t0) / size
     rewards = np.array([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
