@@ -332,13 +332,21 @@ def block_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
     G = getattr(module, "num_key_value_groups", 1)
     n, H, q, d = query.shape
-    if G == 1 or q >= key.shape[2] or attention_mask is None or attention_mask.dtype != torch.bool:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    mask = attention_mask.expand(n, 1, q, key.shape[2]).repeat(1, 1, G, 1)              # (n, 1, G q, k)
+    mask = attention_mask
+    if mask is None or G == 1 or mask.shape[2] != G * q:             # not folded by the sampler already
+        if mask is None or G == 1 or q >= key.shape[2]:
+            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+        mask = fold_mask(mask, G, query.dtype)
     out = F.scaled_dot_product_attention(query.reshape(n, H // G, G * q, d), key, value, attn_mask=mask,
                                          dropout_p=dropout, scale=scaling)               # (n, H/G, G q, d)
     return out.reshape(n, H, q, d).transpose(1, 2).contiguous(), None                    # (n, q, H, d)
+
+
+def fold_mask(mask, G: int, dtype):
+    """A (n, 1, q, k) boolean mask as block_sdpa's (n, 1, G q, k) additive one (0 = may attend, -inf not).
+    The sampler makes it once per block and hands it to every layer."""
+    n, _, q, k = mask.shape
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")).repeat(1, 1, G, 1)
 
 
 def register_attention() -> str:
@@ -859,6 +867,7 @@ class Decoder:
         self.width = width
         self.cache = KVCache(model.config, rows, width, p.dtype, p.device) if kv_cache else None
         self.captured: dict = {}
+        self.masks: dict = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def start(self, frame: Frame, block_size: int, offset: int) -> None:
@@ -881,29 +890,42 @@ class Decoder:
     def step(self, frame: Frame, xb, c: int, store_previous: bool):
         """Hidden states (n, B, H) of the noisy block xb at columns [c, c + B). With store_previous, the
         previous block (final, clean) rides along as extra queries, which writes its keys and values."""
-        B, dev = self.B, xb.device
-        q0 = c - B if store_previous and self.cache is not None else c
+        B = self.B
+        q0 = c - B if store_previous else c
+        if self.cache is None:                        # recompute: the queries are the whole prefix
+            q0 = 0
         ids = torch.cat([frame.x[:, q0:c], xb], 1)                                  # (n, c + B - q0)
-        if self.cache is None:                        # recompute: queries are the whole prefix
-            q0, ids = 0, torch.cat([frame.x[:, :c], xb], 1)
         kv = c + B if not self.graphs else min(self.width, KV_BUCKET * math.ceil((c + B) / KV_BUCKET))
-        k = slice(0, kv)
-        col = torch.arange(kv, device=dev)
-        noisy = ((col >= c) & (col < c + B)).expand(frame.x.shape[0], -1)          # (n, kv) the new block
-        mask = block_attention_mask(frame.pos[:, q0: c + B], noisy[:, q0: c + B], frame.pos[:, k], noisy,
-                                    frame.valid[:, k], B, self.offset, q_start=q0)  # (n, 1, Lq, kv)
+        mask, write_at = self.block_mask(frame, c, q0, kv)
+        pos = frame.pos[:, q0: c + B]
         if self.cache is None:
-            return hidden_states(self.model, ids, frame.pos[:, :c + B], mask)[:, -B:]
-        write_at = torch.arange(q0, c + B, device=dev)
+            return hidden_states(self.model, ids, pos, mask)[:, -B:]
         if self.capture:
             try:
-                return self.replay(ids, frame.pos[:, q0: c + B], mask, write_at)[:, -B:]
+                return self.replay(ids, pos, mask, write_at)[:, -B:]
             except RuntimeError as e:                 # an op the capture cannot take: run eagerly from now on
                 self.capture = False
                 print(f"--compile: the step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
                       f"the sampler runs eagerly", file=sys.stderr)
         self.cache.rows, self.cache.kv_len, self.cache.write_at = ids.shape[0], kv, write_at
-        return hidden_states(self.model, ids, frame.pos[:, q0: c + B], mask, self.cache)[:, -B:]
+        return hidden_states(self.model, ids, pos, mask, self.cache)[:, -B:]
+
+    def block_mask(self, frame: Frame, c: int, q0: int, kv: int):
+        """The attention mask of queries [q0, c + B) over keys [0, kv), the new block noisy, and the slots the
+        queries write; the same for every step of a block, so made once (for the cache: folded, additive)."""
+        key = (c, q0, kv, frame.x.shape[0])
+        if key not in self.masks:
+            B, dev = self.B, frame.x.device
+            col = torch.arange(kv, device=dev)
+            noisy = ((col >= c) & (col < c + B)).expand(frame.x.shape[0], -1)      # (n, kv) the new block
+            mask = block_attention_mask(frame.pos[:, q0: c + B], noisy[:, q0: c + B], frame.pos[:, :kv], noisy,
+                                        frame.valid[:, :kv], B, self.offset, q_start=q0)   # (n, 1, Lq, kv)
+            if self.cache is not None:
+                cfg = self.model.config
+                mask = fold_mask(mask, cfg.num_attention_heads // cfg.num_key_value_heads, self.cache.keys[0].dtype)
+            self.masks = {k: v for k, v in self.masks.items() if k[0] == c}          # this block's only
+            self.masks[key] = mask, torch.arange(q0, c + B, device=dev)
+        return self.masks[key]
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         if self.cache is not None:
@@ -916,13 +938,13 @@ class Decoder:
         key = (ids.shape[0], ids.shape[1], mask.shape[-1])
         g = self.captured.get(key)
         if g is None:
-            g = self.captured[key] = self.capture(ids, pos, mask, write_at)
+            g = self.captured[key] = self.capture_graph(ids, pos, mask, write_at)
         for static, new in ((g["ids"], ids), (g["pos"], pos), (g["mask"], mask), (g["write_at"], write_at)):
             static.copy_(new)
         g["graph"].replay()
         return g["out"]
 
-    def capture(self, ids, pos, mask, write_at) -> dict:
+    def capture_graph(self, ids, pos, mask, write_at) -> dict:
         g = dict(ids=ids.clone(), pos=pos.clone(), mask=mask.clone(), write_at=write_at.clone())
         self.cache.rows, self.cache.kv_len, self.cache.write_at = ids.shape[0], mask.shape[-1], g["write_at"]
         side = torch.cuda.Stream()
@@ -1395,7 +1417,8 @@ class Sampler:
     values are in the compute dtype too. Rows are decoded `rows` at a time (--rollout-batch), all batches
     of one call sharing one Decoder: one KV cache and, with graphs, one set of CUDA graphs."""
 
-    def __init__(self, policy, dtype: torch.dtype, rows: int, graphs: bool = False):
+    def __init__(self, policy, dtype: torch.dtype, rows: int, graphs: bool = False, frozen: bool = False):
+        """frozen: the policy is only evaluated, never trained (--eval-only)."""
         from transformers import Qwen3ForCausalLM
 
         self.policy, self.rows, self.graphs = policy, rows, graphs
@@ -1407,6 +1430,8 @@ class Sampler:
                 self.model = Qwen3ForCausalLM(policy.config)
             self.model.to_empty(device=p.device).to(dtype).eval().requires_grad_(False)
             self.refresh()
+        if p.device.type == "cuda" and (self.model is not policy or frozen):
+            fuse_rms_norms(self.model)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -1438,6 +1463,19 @@ class Sampler:
         finally:
             torch.use_deterministic_algorithms(deterministic, warn_only=True)
         return gens
+
+
+def fuse_rms_norms(model) -> None:
+    """Run every RMSNorm of a model that only samples as torch.rms_norm: one fused CUDA kernel where
+    transformers' module launches eight (to fp32, square, mean, add eps, rsqrt, multiply, to bf16, times the
+    weight). An eager denoising step of SDAR-1.7B launches ~2000 kernels, 900 of them in these norms, and
+    on a GPU the launches, not the arithmetic, set its time. The same function; it rounds to bf16 once,
+    after the weight, where the module rounds before it too."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    for m in model.modules():
+        if isinstance(m, Qwen3RMSNorm):
+            m.forward = lambda x, m=m: torch.rms_norm(x, m.weight.shape, m.weight, m.variance_epsilon)
 
 
 @dataclass
@@ -1865,10 +1903,11 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
             raise UsageError(f"not even one rollout row fits: a row needs {human(per_row)} ({width} tokens), and "
                              f"{human(max(budget, 0))} of the {human(free)} free remain beside training; "
                              f"lower --max-new-tokens or use more GPUs")
-        if rows and rows > fit:
-            raise UsageError(f"--rollout-batch {rows} needs {human(rows * per_row)} for its KV cache and logits "
-                             f"({human(per_row)} per row of {width} tokens); about {fit} rows fit in the "
-                             f"{human(max(budget, 0))} left of {human(free)} free")
+        for flag, n in (("--rollout-batch", rows), ("--eval-batch", cfg.eval_batch)):
+            if n and n > fit:
+                raise UsageError(f"{flag} {n} needs {human(n * per_row)} for its KV cache and logits "
+                                 f"({human(per_row)} per row of {width} tokens); about {fit} rows fit in the "
+                                 f"{human(max(budget, 0))} left of {human(free)} free")
         if not rows:
             rows = min(1024, fit if fit < 16 else fit // 8 * 8)
             note = f", chosen from {human(free)} free"
@@ -2262,7 +2301,7 @@ def run(cfg: Config) -> None:
     rows, line = memory_plan(cfg, model, all_block_sizes, longest, device, not cfg.eval_only, copy)
     if is_main():
         print("memory: " + line)
-    sampler = Sampler(model, dtype, rows, graphs)
+    sampler = Sampler(model, dtype, rows, graphs, frozen=cfg.eval_only)
     if cfg.eval_only:
         log = MetricsLog(out / "eval.jsonl")
         evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
