@@ -491,7 +491,7 @@ def test_stage_plan_doubles_and_spreads_the_shifted_batches():
     assert [B for B, _ in tstar.stage_plan([4, 8, 16], 2, 0.5, direct=True)] == [32 // 2, 16, 16]
 
 
-TINY = ["--warm-start-steps", "600", "--warm-start-batch", "16", "--train-size", "2000", "--test-size", "8",
+TINY = ["--warm-start-steps", "600", "--warm-start-batch", "32", "--train-size", "2000", "--test-size", "8",
             "--steps-per-stage", "2", "--prompts-per-step", "8", "--group-size", "8", "--block-sizes", "4,8",
             "--max-new-tokens", "24"]
 

@@ -1536,7 +1536,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
 
     # 3. old log-probs and values: the pre-update weights, the same layout
     logp_old, v_old = torch.zeros(M), torch.zeros(M)
-    n_chunks = dist_max(math.ceil(len(seqs) / cfg.micro_batch))
+    n_chunks = int(dist_max(math.ceil(len(seqs) / cfg.micro_batch)))
     with torch.no_grad(), autocast(cfg, dev):
         for tgt, logp, values in score_sequences(policy, value_head, tb, seqs, cfg.micro_batch, B, offset, pad_id,
                                                  n_chunks):
@@ -1569,7 +1569,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
                             [torch.zeros(0, dtype=torch.long)])
         norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)              # over all processes
         n_tok = max(dist_sum(len(tgt_all)), 1)
-        n_chunks = dist_max(math.ceil(len(mb) / cfg.micro_batch))
+        n_chunks = int(dist_max(math.ceil(len(mb) / cfg.micro_batch)))
         with autocast(cfg, dev):
             for tgt, logp, values in score_sequences(policy, value_head, tb, mb, cfg.micro_batch, B, offset,
                                                      pad_id, n_chunks):
@@ -1799,9 +1799,9 @@ def dist_sum(x: float) -> float:
     return dist_reduce(x, "SUM")
 
 
-def dist_max(x: float) -> int:
-    """Largest value of an integer over all processes."""
-    return int(dist_reduce(x, "MAX"))
+def dist_max(x: float) -> float:
+    """Largest value of a number over all processes."""
+    return dist_reduce(x, "MAX")
 
 
 def barrier() -> None:
