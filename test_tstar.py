@@ -579,6 +579,14 @@ def test_unreachable_hub_id_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert "local directory" in capsys.readouterr().err
 
 
+def test_a_sharded_checkpoint_directory_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"")
+    (tmp_path / "dcp" / "__0_0.distcp").write_bytes(b"")
+    assert tstar.main(["--model", str(tmp_path / "dcp"), "--out-dir", str(tmp_path / "out")]) == 2
+    assert "sharded torch.distributed.checkpoint directory" in capsys.readouterr().err
+
+
 def test_a_tokenizer_without_mask_token_is_a_clear_error(tmp_path, capsys):
     from transformers import PreTrainedTokenizerFast
     model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
@@ -593,7 +601,8 @@ def test_a_tokenizer_without_mask_token_is_a_clear_error(tmp_path, capsys):
 
 
 def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, tiny_warm_start):
-    """torchrun --nproc_per_node 2 on CPU: prompts are split, gradients all-reduced, only rank 0 writes."""
+    """torchrun --nproc_per_node 2 on CPU (FSDP2): prompts are split, every process samples from the same
+    whole weights, only rank 0 writes; the run then resumes with one process."""
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -607,6 +616,68 @@ def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, tiny_warm_
     assert len(train) == 4                                           # one line per step, written by rank 0 only
     start, end = weights(tmp_path / "warmstart"), weights(tmp_path / "stage2-B8")
     assert any(not torch.equal(start[k], end[k]) for k in start)    # the ranks trained, and stayed identical
+    # the checkpoints are whole: a run interrupted in stage 2 resumes with one process
+    import shutil
+    shutil.rmtree(tmp_path / "stage2-B8")
+    assert tstar.main(TINY + ["--device", "cpu", "--out-dir", str(tmp_path), "--resume"]) == 0
+    assert (tmp_path / "stage2-B8" / "tstar.json").is_file()
+
+
+UPDATE_WORKER = """
+import sys, torch, tstar
+torch.set_num_threads(1)
+rollouts, out, G = sys.argv[1], sys.argv[2], 4
+if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
+    torch.distributed.init_process_group("gloo")
+rank, size = tstar.world()
+ro = torch.load(rollouts, weights_only=False)
+a, b = [(0, 4)] [rank] if size == 1 else [(0, 1), (1, 4)][rank]          # 1 prompt vs 3 prompts
+mine = tstar.Rollouts(ro.prompts[a * G: b * G], ro.gens[a * G: b * G], ro.rewards[a:b], ro.block_size, ro.offset)
+torch.manual_seed(0)
+model, tok = tstar.load_model_and_tokenizer(sys.argv[3])
+head = tstar.new_value_head(model)
+if size > 1:
+    tstar.shard(model, head, torch.device("cpu"))
+opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.5}, {"params": head.parameters(), "lr": 0.5}])
+cfg = tstar.Config(group_size=G, minibatches=1, micro_batch=3, grad_clip=100.0, advantage=sys.argv[4])
+stats = tstar.ppo_update(model, head, opt, mine, cfg, tok.mask_token_id, tok.eos_token_id, torch.Generator().manual_seed(0))
+weights = {**tstar.full_state_dict(model), **{"value_head." + k: v for k, v in tstar.full_state_dict(head).items()}}
+if rank == 0:
+    torch.save((weights, stats), out)
+"""
+
+
+@pytest.mark.parametrize("advantage", ["gae", "group"])
+def test_two_processes_make_the_update_of_one_process_on_their_union(tmp_path, tiny, advantage):
+    """FSDP over two gloo processes holding 1 and 3 of 4 prompts (uneven token counts, micro-batch counts and
+    a dummy micro-batch on the smaller process) makes the same update as one process on all 4: every loss is
+    a mean over all processes' tokens (or, for CJ-GRPO, samples), not a mean of per-process means."""
+    import subprocess
+    import sys
+    model, tok = tiny
+    with torch.no_grad():
+        ro = tstar.collect_rollouts(tstar.Sampler(model, torch.float32, 64), tok,
+                                    [{"question": q, "answer": ""} for q in PROMPTS[:4]], lambda t, p: 0.0,
+                                    rl_config(group_size=4), 4, 0, torch.Generator().manual_seed(5))
+    ro.rewards = torch.tensor([text_parity_reward(tok.decode(g.ids), None) for g in ro.gens]).view(4, 4)
+    ro.rewards[:, 0], ro.rewards[:, 1] = 1.0, 0.0                    # every group disagrees: all are kept
+    torch.save(ro, tmp_path / "ro.pt")
+    (tmp_path / "worker.py").write_text(UPDATE_WORKER)
+    results = []
+    for n in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29541",
+               str(tmp_path / "worker.py"), str(tmp_path / "ro.pt"), str(tmp_path / f"w{n}.pt"),
+               str(HERE / "tiny_config.json"), advantage]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
+                              env={**__import__("os").environ, "PYTHONPATH": str(HERE)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(torch.load(tmp_path / f"w{n}.pt", weights_only=False))
+    (one, s1), (two, s2) = results
+    torch.manual_seed(0)
+    start = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))[0].state_dict()
+    assert max((one[k] - start[k]).abs().max().item() for k in start) > 1e-3        # the update moved weights
+    assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
+    assert s1["kept"] == s2["kept"] and s1["clip_frac"] == pytest.approx(s2["clip_frac"])
 
 
 @CUDA

@@ -391,7 +391,11 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
             raise UsageError(f"{model}: vocab_size {config.vocab_size} < {len(tokenizer)} tokens of the tokenizer")
         net = Qwen3ForCausalLM(config).to(dtype)
     else:
-        if Path(model).exists() and not (Path(model) / "config.json").is_file():
+        path = Path(model)
+        if path.is_dir() and ((path / ".metadata").is_file() or any(path.glob("*.distcp"))):
+            raise UsageError(f"{model} is a sharded torch.distributed.checkpoint directory; tstar loads "
+                             f"save_pretrained directories (its own stage checkpoints are whole: stageN-B*/)")
+        if path.exists() and not (path / "config.json").is_file():
             raise UsageError(f"{model} is not a checkpoint directory (no config.json in it)")
         looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
         if not Path(model).exists() and looks_local:
@@ -1891,7 +1895,8 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
     kv_row = kv_cache_bytes_per_row(model.config, width, dtype)
     per_row = kv_row + B * model.config.vocab_size * 4 * 6
     n_proc = world()[1]
-    state = 16 * n_params / n_proc if training else n_params * torch.empty((), dtype=dtype).element_size()
+    state = 12 * n_params / n_proc if training else n_params * torch.empty((), dtype=dtype).element_size()
+    grads = 4 * n_params / n_proc if training else 0
     copy_bytes = n_params * torch.empty((), dtype=dtype).element_size() if copy else 0
     rows = cfg.rollout_batch
     note = ""
@@ -1913,10 +1918,12 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
             note = f", chosen from {human(free)} free"
     rows = rows or 256
     kv = rows * kv_row
-    line = (f"{human(n_params, '')} parameters; per GPU: training state {human(state)}"
-            f"{f' (/ {n_proc} processes)' if n_proc > 1 and training else ''} + rollout copy {human(copy_bytes)} + "
-            f"KV cache {human(kv)} ({rows} rows x {width} tokens) = {human(state + copy_bytes + kv)}, plus "
-            f"activations; rollout batch {rows} rows{note}")
+    shared = f" (/ {n_proc} processes)" if n_proc > 1 and training else ""
+    line = (f"{human(n_params, '')} parameters; per GPU: {'weights + AdamW' if training else 'weights'} "
+            f"{human(state)}{shared} + rollout copy {human(copy_bytes)} + KV cache {human(kv)} ({rows} rows x "
+            f"{width} tokens) = {human(state + copy_bytes + kv)} while sampling"
+            + (f"; gradients {human(grads)}{shared} + activations while training" if training else "")
+            + f"; rollout batch {rows} rows{note}")
     return rows, line
 
 
