@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -215,27 +216,61 @@ class Config:
     eval_datasets: str = "toy"
     """evaluation sets, comma-separated: toy, dataset names or local files"""
 
+    # --- derived by finalize_config (not flags): the values above parsed once ---
+    curriculum: tuple = ()
+    """--block-sizes as integers"""
+    eval_sizes: tuple = ()
+    """--eval-block-sizes (default: the curriculum's) as integers"""
+    band: tuple = (0.0, 1.0)
+    """--acc-band as (low, high)"""
 
-def _field_docs(cls) -> dict[str, str]:
-    """The docstring under each dataclass field (Python keeps none at runtime, so read the source)."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    return {a.target.id: " ".join(b.value.value.split())
+
+CHOICES = {"remasking": ("static", "dynamic", "ass"), "advantage": ("gae", "group"),
+           "dtype": ("auto", "float32", "bfloat16"), "device": None}
+DERIVED = ("curriculum", "eval_sizes", "band")
+
+
+def _field_docs(cls) -> dict[str, tuple[str, str]]:
+    """(docstring, section) of each dataclass field: Python keeps neither at runtime, so read the source.
+    A section is the "# --- name ---" comment above a run of fields."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    sections, section = {}, ""
+    for line in source.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# ---"):
+            section = stripped.strip("# -")
+        elif ":" in stripped and not stripped.startswith(('"', "#")):
+            sections.setdefault(stripped.split(":")[0], section)
+    body = ast.parse(source).body[0].body
+    return {a.target.id: (" ".join(b.value.value.split()), sections.get(a.target.id, ""))
             for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):              # one line and exit code 2 (main), not argparse's usage block
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    docs = _field_docs(Config)
+    """The command line, one flag per Config field, grouped by the Config's sections."""
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="Defaults are the tiny CPU run; with a checkpoint as --model the paper's setting "
+                                   "(SDAR_PRESET) replaces them, and any flag given wins.")
+    groups, docs = {}, _field_docs(Config)
     for f in dataclasses.fields(Config):
+        if f.name in DERIVED:
+            continue
+        doc, section = docs[f.name]
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=docs[f.name])
-        else:
-            kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                help=f"{docs[f.name]} (default: {f.default})")
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc)
+            continue
+        kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
+        default = "" if f.default is None or "default" in doc else f" (default: {f.default})"
+        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                           choices=CHOICES.get(f.name), help=doc + default)
     return parser
 
 
@@ -397,6 +432,11 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
                              f"save_pretrained directories (its own stage checkpoints are whole: stageN-B*/)")
         if path.exists() and not (path / "config.json").is_file():
             raise UsageError(f"{model} is not a checkpoint directory (no config.json in it)")
+        if path.is_dir():
+            try:
+                json.loads((path / "config.json").read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise UsageError(f"{path / 'config.json'} is not valid JSON ({e})") from None
         looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
         if not Path(model).exists() and looks_local:
             raise UsageError(f"no such model directory: {model}")
@@ -557,7 +597,17 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
     if path.suffix in (".json", ".jsonl", ".parquet"):
         if not path.is_file():
             raise UsageError(f"no such dataset file: {name}")
-        ds = load_dataset("parquet" if path.suffix == ".parquet" else "json", data_files=str(path), split="train")
+        kind = "parquet" if path.suffix == ".parquet" else "json"
+        if path.stat().st_size == 0 or (kind == "json" and not path.read_text(errors="replace").strip()):
+            raise UsageError(f"dataset file {name} is empty")
+        try:
+            ds = load_dataset(kind, data_files=str(path), split="train")
+        except Exception as e:                          # the loader's own error is many lines deep
+            cause = e.__cause__ or e
+            raise UsageError(f"dataset file {name} cannot be read as {path.suffix[1:].upper()} "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
+        if len(ds) == 0:
+            raise UsageError(f"dataset file {name} has no rows")
         fields = next((f for f in LOCAL_FIELDS if set(f) <= set(ds.column_names)), None)
         if fields is None:
             missing = "question" if not {"question", "problem"} & set(ds.column_names) else "answer"
@@ -680,9 +730,6 @@ class Generation:
     stopped: bool            # a stop token within max_new_tokens (False: cut by the length limit)
     prompt_len: int
     offset: int
-
-
-REMASKINGS = ("static", "dynamic", "ass")
 
 
 def step_quotas(m: torch.Tensor, K: int, remasking: str) -> torch.Tensor:
@@ -982,8 +1029,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
     B, K = block_size, steps or block_size
     if not 0 <= offset < B:
         raise UsageError(f"offset must be in [0, {B}), got {offset}")
-    if remasking not in REMASKINGS:
-        raise UsageError(f"--remasking must be one of {', '.join(REMASKINGS)}, got {remasking!r}")
+    if remasking not in CHOICES["remasking"]:
+        raise UsageError(f"--remasking must be one of {', '.join(CHOICES['remasking'])}, got {remasking!r}")
     check_fits(max(len(p) for p in prompts), max_new_tokens, model.config.max_position_embeddings, B, offset)
     was_training = model.training
     model.eval()                       # (training mode with gradient checkpointing would disable the cache)
@@ -1523,7 +1570,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     make on the union of their rollouts (with --minibatches 1; with more, each process splits its own)."""
     dev = next(policy.parameters()).device
     B, offset, G = ro.block_size, ro.offset, cfg.group_size
-    adv_sample, keep = group_advantages(ro.rewards, cfg.advantage, parse_band(cfg.acc_band))    # (prompts, G)
+    adv_sample, keep = group_advantages(ro.rewards, cfg.advantage, cfg.band)    # (prompts, G)
     kept = keep.flatten().nonzero()[:, 0].tolist()
     stats = rollout_stats(ro.gens, ro.rewards, B, offset)
     stats["kept"] = dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens)))
@@ -1679,7 +1726,8 @@ SDAR_PRESET = dict(
     acc_band="0.2,0.8", eval_samples=3, micro_batch=4, grad_checkpointing=True,
 )
 def finalize_config(cfg: Config, given: set[str]) -> Config:
-    """Apply the preset for checkpoints, then check every setting: one clear error for the first bad one."""
+    """Apply the preset for checkpoints, parse the lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and
+    check every setting: one clear error for the first bad one, before any work starts."""
     if not is_toy_model(cfg.model):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
     sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
@@ -1687,27 +1735,32 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         raise UsageError(f"block sizes must be >= 1, got {cfg.block_sizes}")
     if any(b2 <= b1 for b1, b2 in zip(sizes, sizes[1:])):
         raise UsageError(f"--block-sizes must be increasing, got {cfg.block_sizes}")
-    parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
+    eval_sizes = parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
+    if any(b < 1 for b in eval_sizes):
+        raise UsageError(f"block sizes must be >= 1, got {cfg.eval_block_sizes}")
+    cfg = dataclasses.replace(cfg, curriculum=tuple(sizes), eval_sizes=tuple(eval_sizes), band=parse_band(cfg.acc_band))
+    at_least = lambda name, low: (getattr(cfg, name) >= low, f"--{name.replace('_', '-')} must be >= {low}, "  # noqa: E731
+                                                             f"got {getattr(cfg, name)}")
+    positive = lambda name: (getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, "              # noqa: E731
+                                                     f"got {getattr(cfg, name)}")
     checks = [
         (0.0 <= cfg.shift_fraction <= 1.0, f"--shift-fraction must be in [0, 1], got {cfg.shift_fraction}"),
         (cfg.steps_per_block is None or cfg.steps_per_block >= 1,
          f"--steps-per-block must be positive, got {cfg.steps_per_block}"),
-        (cfg.remasking in REMASKINGS, f"--remasking must be one of {', '.join(REMASKINGS)}, got {cfg.remasking!r}"),
-        (cfg.advantage in ("gae", "group"), f"--advantage must be gae or group, got {cfg.advantage!r}"),
-        (cfg.micro_batch >= 1, f"--micro-batch must be >= 1, got {cfg.micro_batch}"),
+        (0.0 <= cfg.threshold <= 1.0, f"--threshold must be in [0, 1], got {cfg.threshold}"),
+        at_least("micro_batch", 1), at_least("minibatches", 1), at_least("prompts_per_step", 1),
+        at_least("steps_per_stage", 1), at_least("max_new_tokens", 1), at_least("eval_samples", 1),
+        at_least("shrink", 1), at_least("train_size", 1), at_least("test_size", 1), at_least("warm_start_steps", 1),
+        at_least("warm_start_batch", 1), at_least("eval_limit", 0), at_least("top_k", 0), at_least("block_size", 1),
         (cfg.rollout_batch is None or cfg.rollout_batch >= 1, f"--rollout-batch must be >= 1, got {cfg.rollout_batch}"),
         (cfg.eval_batch is None or cfg.eval_batch >= 1, f"--eval-batch must be >= 1, got {cfg.eval_batch}"),
-        (cfg.minibatches >= 1, f"--minibatches must be >= 1, got {cfg.minibatches}"),
         (cfg.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples), got {cfg.group_size}"),
-        (cfg.prompts_per_step >= 1, f"--prompts-per-step must be >= 1, got {cfg.prompts_per_step}"),
-        (cfg.steps_per_stage >= 1, f"--steps-per-stage must be >= 1, got {cfg.steps_per_stage}"),
-        (cfg.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}"),
+        positive("lr"), positive("value_lr"), positive("warm_start_lr"), positive("clip_eps"), positive("grad_clip"),
+        (cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}"),
+        (0.0 <= cfg.gamma <= 1.0 and 0.0 <= cfg.gae_lambda <= 1.0,
+         f"--gamma and --gae-lambda must be in [0, 1], got {cfg.gamma} and {cfg.gae_lambda}"),
         (cfg.temperature >= 0 and cfg.rollout_temperature >= 0, "temperatures must be >= 0"),
         (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
-        (cfg.top_k >= 0, f"--top-k must be >= 0, got {cfg.top_k}"),
-        (cfg.eval_samples >= 1, f"--eval-samples must be >= 1, got {cfg.eval_samples}"),
-        (cfg.shrink >= 1, f"--shrink must be >= 1, got {cfg.shrink}"),
-        (cfg.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16"),
         (0 < cfg.eoser_gamma_min <= 1 and 0 < cfg.eoser_gamma_max <= 1,
          f"EOSER gammas must be in (0, 1], got {cfg.eoser_gamma_min} and {cfg.eoser_gamma_max}"),
         (cfg.eoser_gamma_min <= cfg.eoser_gamma_max,
@@ -1716,7 +1769,6 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    parse_band(cfg.acc_band)
     return cfg
 
 
@@ -1971,7 +2023,7 @@ def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | 
         tokenizer.save_pretrained(tmp)
         if head:
             save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "value_head.safetensors"))
-        (tmp / "tstar.json").write_text(json.dumps(info or {}, indent=1))
+        (tmp / "tstar.json").write_text(json_text(info or {}, indent=1))
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
@@ -2048,7 +2100,7 @@ def evaluate(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, c
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     """A markdown table: columns are (key, header)."""
     def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
@@ -2127,8 +2179,20 @@ def plot_curves(records: Sequence[dict], path: Path) -> None:
 # --- the run ----------------------------------------------------------------------------------------------
 
 
+def json_text(obj, **kwargs) -> str:
+    """Strict JSON: NaN and infinities (e.g. LocalStrict of a batch without pairs) become null."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)
+
+
 class MetricsLog:
-    """metrics.jsonl: one JSON object per RL step and per evaluation, flushed as it is written."""
+    """metrics.jsonl: one JSON object per RL step and per evaluation, flushed as it is written by the one
+    run that holds the out dir's lock."""
 
     def __init__(self, path: Path, keep_stages_below: int | None = None):
         self.path = path
@@ -2137,13 +2201,13 @@ class MetricsLog:
             self.records = [r for r in map(json.loads, path.read_text().splitlines())
                             if r["stage"] < keep_stages_below]
         if is_main():
-            path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            path.write_text("".join(json_text(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
         self.records.append(record)
         if is_main():
             with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_text(record) + "\n")
 
 
 def evaluate_stage(sampler: Sampler, tokenizer, eval_sets, reward_fn, cfg: Config, out: Path, log: MetricsLog,
@@ -2151,7 +2215,7 @@ def evaluate_stage(sampler: Sampler, tokenizer, eval_sets, reward_fn, cfg: Confi
     """Evaluate at every evaluation block size, log it, and draw the decoding order at the stage's B."""
     sampler.refresh()
     for name, problems in eval_sets.items():
-        for B in parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes"):
+        for B in cfg.eval_sizes:
             metrics, gens = evaluate(sampler, tokenizer, problems, reward_fn, cfg, B, seed=cfg.seed + stage)
             log.write(dict(kind="eval", stage=stage, label=label, dataset=name, stage_block_size=stage_block_size,
                            step=step, **metrics))
@@ -2171,7 +2235,7 @@ def evaluate_stage(sampler: Sampler, tokenizer, eval_sets, reward_fn, cfg: Confi
 def results_table(records: Sequence[dict], cfg: Config) -> str:
     """Rows: warm start (or the start model), then each stage; columns: accuracy and TPF at each
     evaluation block size, and LocalStrict at each."""
-    sizes = parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
+    sizes = cfg.eval_sizes
     rows = {}
     for r in records:
         if r["kind"] == "eval":
@@ -2184,10 +2248,92 @@ def results_table(records: Sequence[dict], cfg: Config) -> str:
     return format_table([rows[k] for k in sorted(rows)], columns)
 
 
-def last_finished_stage(out: Path) -> int:
-    """Number (1, 2, ...) of the last stage whose checkpoint was completely written, or 0."""
-    done = [int(p.parent.name.split("-")[0][5:]) for p in out.glob("stage*-B*/tstar.json")]
-    return max(done, default=0)
+# --- the out dir: one run at a time, never two runs' files --------------------------------------------
+
+RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch", "compile", "micro_batch",
+                     "grad_checkpointing", "show_trajectory")     # settings that do not change what is trained
+
+
+def prepare_out_dir(cfg: Config) -> Path:
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out-dir {out}: {e.strerror}") from None
+    return out
+
+
+def process_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True                                 # someone else's process, or an unreadable pid: assume alive
+    return True
+
+
+@contextlib.contextmanager
+def out_dir_lock(out: Path):
+    """Hold out/tstar.lock (this run's pid and host) while the run lasts: a second run into the same out dir
+    stops with one line instead of interleaving its files with this one's. A lock whose process no longer
+    exists on this host (a killed run) is taken over with a note."""
+    import socket
+
+    if not is_main():
+        yield
+        return
+    lock = out / "tstar.lock"
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for attempt in range(2):
+        try:
+            with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(json.dumps(me))
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            if attempt == 0 and holder.get("host") == me["host"] and not process_alive(holder.get("pid")):
+                print(f"note: taking over {lock}, left by process {holder.get('pid')}, which no longer runs")
+                lock.unlink(missing_ok=True)
+                continue
+            raise UsageError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                             f"since {holder.get('started')}); wait for it, or choose another --out-dir "
+                             f"(if that run is gone, delete {lock})") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def stages_done(cfg: Config, out: Path) -> int:
+    """How many stages an earlier run in `out` finished, for --resume (0 for a fresh run). A fresh training
+    run refuses an out dir that holds stage checkpoints (they would be taken for its own); --resume takes
+    the last finished stage only if it was trained with the same settings."""
+    finished = sorted((p.parent for p in out.glob("stage*-B*/tstar.json")), key=lambda p: int(p.name[5:].split("-")[0]))
+    if cfg.eval_only:
+        return 0
+    if not cfg.resume:
+        if finished:
+            raise UsageError(f"{out} holds the checkpoints of an earlier run ({', '.join(p.name for p in finished)}): "
+                             f"continue it with --resume, or choose another --out-dir")
+        return 0
+    if not finished:
+        raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
+    done = int(finished[-1].name[5:].split("-")[0])
+    saved = json.loads((finished[-1] / "tstar.json").read_text()).get("config", {})
+    now = json.loads(json_text(dataclasses.asdict(cfg)))
+    differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
+    if differ or done > len(plan) or finished[-1] != stage_dir(out, done, plan[done - 1][0]):
+        changes = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in differ[:3])
+        raise UsageError(f"--resume: stage {done} in {out} was trained with other settings ({changes or 'curriculum'}); "
+                         f"resume with the same flags, or choose another --out-dir")
+    return done
 
 
 def stage_dir(out: Path, stage: int, block_size: int) -> Path:
@@ -2198,8 +2344,7 @@ def train(cfg: Config, model, value_head, sampler: Sampler, tokenizer, train_pro
           out: Path, device, done: int, log: MetricsLog) -> None:
     """The T* loop: stages of TraceRL at growing block sizes, evaluation and a checkpoint after each;
     `done` stages were finished by an earlier run (--resume)."""
-    plan = stage_plan(parse_int_list(cfg.block_sizes, "--block-sizes"), cfg.steps_per_stage, cfg.shift_fraction,
-                      cfg.direct)
+    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
     if done == 0:
         evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
     rank, size = world()
@@ -2260,69 +2405,67 @@ def run(cfg: Config) -> None:
     device = setup_device(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if is_main():
-        print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
-    dtype = compute_dtype(cfg, device)
-    storage = dtype if cfg.eval_only else torch.float32        # training keeps fp32 master weights
-    model, tokenizer = load_model_and_tokenizer(cfg.model, device, storage)
-    all_block_sizes = sorted(set(parse_int_list(cfg.block_sizes, "--block-sizes") + [cfg.block_size] +
-                                 parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")))
-    for B in all_block_sizes:
-        check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
-    out = Path(cfg.out_dir)
-    if cfg.resume and not cfg.eval_only and last_finished_stage(out) == 0:
-        raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
-    out.mkdir(parents=True, exist_ok=True)
-    train_problems, eval_sets, reward_fn = load_task(cfg)
-    longest = max(len(encode_prompt(tokenizer, p["question"]))                 # before a long warm start
-                  for problems in [train_problems, *eval_sets.values()] for p in problems)
-    for B in all_block_sizes:
-        for offset in {0, B // 2}:
-            check_fits(longest, cfg.max_new_tokens, model.config.max_position_embeddings, B, offset)
-    if is_architecture_file(cfg.model):
-        model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
+    out = prepare_out_dir(cfg)
+    with out_dir_lock(out):
+        done = stages_done(cfg, out)
+        if is_main():
+            print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in DERIVED))
+        dtype = compute_dtype(cfg, device)
+        storage = dtype if cfg.eval_only else torch.float32        # training keeps fp32 master weights
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device, storage)
+        all_block_sizes = sorted({*cfg.curriculum, cfg.block_size, *cfg.eval_sizes})
+        for B in all_block_sizes:
+            check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
+        train_problems, eval_sets, reward_fn = load_task(cfg)
+        longest = max(len(encode_prompt(tokenizer, p["question"]))             # before a long warm start
+                      for problems in [train_problems, *eval_sets.values()] for p in problems)
+        for B in all_block_sizes:
+            for offset in {0, B // 2}:
+                check_fits(longest, cfg.max_new_tokens, model.config.max_position_embeddings, B, offset)
+        if is_architecture_file(cfg.model):
+            model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
+        value_head = None
+        if done:
+            plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
+            path = stage_dir(out, done, plan[done - 1][0])
+            model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
+            value_head = load_value_head(model, path)
+            if is_main():
+                print(f"resuming after stage {done} from {path}")
+        value_head = value_head or new_value_head(model)
+        if not cfg.eval_only:
+            if cfg.grad_checkpointing:                 # (the method's name changed in transformers 5.x)
+                getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+            if world()[1] > 1:
+                shard(model, value_head, device)
+        graphs = cfg.compile and device.type == "cuda"
+        if cfg.compile and not graphs and is_main():
+            print(f"--compile: CUDA graphs need a CUDA device; the sampler runs eagerly on {device.type}")
+        rows, line = memory_plan(cfg, model, all_block_sizes, longest, device, not cfg.eval_only,
+                                 dtype != storage or is_sharded(model))
+        if is_main():
+            print("memory: " + line)
+        sampler = Sampler(model, dtype, rows, graphs, frozen=cfg.eval_only)
+        if cfg.eval_only:
+            evaluate_only(cfg, sampler, tokenizer, eval_sets, reward_fn, out)
+        else:
+            log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
+            train(cfg, model, value_head, sampler, tokenizer, train_problems, eval_sets, reward_fn, out, device,
+                  done, log)
 
-    plan = stage_plan(parse_int_list(cfg.block_sizes, "--block-sizes"), cfg.steps_per_stage, cfg.shift_fraction,
-                      cfg.direct)
-    done, value_head = 0, None
-    if cfg.resume and not cfg.eval_only:
-        done = last_finished_stage(out)
-        path = stage_dir(out, done, plan[done - 1][0]) if done <= len(plan) else None
-        if path is None or not path.is_dir() or \
-                json.loads((path / "tstar.json").read_text()).get("plan") != json.loads(json.dumps(plan)):
-            raise UsageError(f"--resume: {out} was made with another curriculum; resume with the same flags")
-        model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
-        value_head = load_value_head(model, path)
-        if is_main():
-            print(f"resuming after stage {done} from {path}")
-    value_head = value_head or new_value_head(model)
-    if not cfg.eval_only:
-        if cfg.grad_checkpointing:                 # (the method's name changed in transformers 5.x)
-            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-        if world()[1] > 1:
-            shard(model, value_head, device)
-    graphs = cfg.compile and device.type == "cuda"
-    if cfg.compile and not graphs and is_main():
-        print(f"--compile: CUDA graphs need a CUDA device; the sampler runs eagerly on {device.type}")
-    copy = dtype != storage or is_sharded(model)
-    rows, line = memory_plan(cfg, model, all_block_sizes, longest, device, not cfg.eval_only, copy)
+
+def evaluate_only(cfg: Config, sampler: Sampler, tokenizer, eval_sets, reward_fn, out: Path) -> None:
+    """--eval-only: the metrics of --model at every evaluation block size, as a table and eval.json."""
+    log = MetricsLog(out / "eval.jsonl")
+    evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
     if is_main():
-        print("memory: " + line)
-    sampler = Sampler(model, dtype, rows, graphs, frozen=cfg.eval_only)
-    if cfg.eval_only:
-        log = MetricsLog(out / "eval.jsonl")
-        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
-        if is_main():
-            columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
-                       (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"), ("nfe", "NFE"),
-                       ("local_strict", "LocalStrict"), ("length", "mean length"), ("clipped_ratio", "cut"),
-                       ("tokens_per_s", "tokens/s")]
-            table = format_table(log.records, columns)
-            (out / "eval.json").write_text(json.dumps(log.records, indent=1))
-            print("\n" + table + f"\n\nwrote {out / 'eval.json'}")
-        return
-    log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
-    train(cfg, model, value_head, sampler, tokenizer, train_problems, eval_sets, reward_fn, out, device, done, log)
+        columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
+                   (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"), ("nfe", "NFE"),
+                   ("local_strict", "LocalStrict"), ("length", "mean length"), ("clipped_ratio", "cut"),
+                   ("tokens_per_s", "tokens/s")]
+        table = format_table(log.records, columns)
+        (out / "eval.json").write_text(json_text(log.records, indent=1))
+        print("\n" + table + f"\n\nwrote {out / 'eval.json'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
