@@ -2,6 +2,7 @@
 
 Each test names the property it checks and fails if that property breaks."""
 
+import dataclasses
 import json
 import math
 import random
@@ -565,6 +566,94 @@ def test_bad_input_gets_one_clear_line_and_exit_code_2(tmp_path, capsys, argv, m
     assert tstar.main(argv + ["--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tstar: error:") and message in err and "\n" not in err
+
+
+BAD_FILES = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer": ', "plain.txt": "x"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eval-datasets", "{tmp}/empty.jsonl"], "empty.jsonl is empty"),
+    (["--eval-datasets", "{tmp}/malformed.json"], "malformed.json cannot be read as JSON"),
+    (["--out-dir", "{tmp}/plain.txt"], "plain.txt is a file, not a directory"),
+    (["--train-size", "0"], "--train-size must be >= 1"),
+    (["--test-size", "0"], "--test-size must be >= 1"),
+    (["--warm-start-steps", "0"], "--warm-start-steps must be >= 1"),
+    (["--eval-limit", "-1"], "--eval-limit must be >= 0"),
+    (["--threshold", "-1"], "--threshold must be in [0, 1]"),
+    (["--threshold", "2"], "--threshold must be in [0, 1]"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--value-lr", "0"], "--value-lr must be > 0"),
+    (["--gamma", "1.5"], "--gamma and --gae-lambda must be in [0, 1]"),
+    (["--remasking", "greedy"], "invalid choice: 'greedy'"),
+    (["--block-size", "x"], "invalid int value: 'x'"),
+    (["--model", "{tmp}/corrupt"], "corrupt/config.json is not valid JSON"),
+])
+def test_bad_input_is_caught_before_any_work_with_one_line(tmp_path, capsys, argv, message):
+    """Each gets exit code 2 and one line on stderr, no traceback, before the warm start starts."""
+    for name, text in BAD_FILES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    out = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "out")]
+    assert tstar.main(argv + out) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tstar: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "out" / "warmstart").exists()
+
+
+def test_help_is_grouped_by_section_and_lists_choices(capsys):
+    with pytest.raises(SystemExit):
+        tstar.main(["--help"])
+    text = capsys.readouterr().out
+    for heading in ("sampler", "warm start", "evaluation", "T* curriculum and TraceRL"):
+        assert f"\n{heading}" in text
+    assert "{static,dynamic,ass}" in text and "{gae,group}" in text and "(default: None)" not in text
+
+
+def test_json_logs_hold_null_where_a_metric_is_nan(tmp_path):
+    log = tstar.MetricsLog(tmp_path / "m.jsonl")
+    log.write(dict(kind="eval", stage=0, local_strict=float("nan"), tpf=2.0))
+    strict = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert strict == dict(kind="eval", stage=0, local_strict=None, tpf=2.0)
+
+
+def test_a_second_run_in_the_same_out_dir_stops_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys,
+                                                                                      tiny_warm_start):
+    import socket
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    tiny_warm_start(out)
+    first = subprocess.Popen([sys.executable, str(HERE / "tstar.py"), *TINY, "--device", "cpu",
+                              "--out-dir", str(out)], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):                         # wait until the first run holds the lock
+            if (out / "tstar.lock").is_file():
+                break
+            __import__("time").sleep(0.1)
+        assert tstar.main(TINY + ["--device", "cpu", "--eval-only", "--out-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another run (pid {first.pid} on {socket.gethostname()}" in err
+    finally:
+        first.kill()
+        first.wait()
+    dead = json.loads((out / "tstar.lock").read_text())          # a killed run leaves its lock behind
+    assert dead["pid"] == first.pid
+    assert tstar.main(TINY + ["--device", "cpu", "--eval-only", "--out-dir", str(out)]) == 0
+    assert "taking over" in capsys.readouterr().out and not (out / "tstar.lock").exists()
+
+
+def test_a_fresh_run_refuses_an_old_runs_checkpoints_and_resume_needs_the_same_settings(tmp_path, capsys):
+    old = tstar.finalize_config(tstar.Config(lr=1e-3, out_dir=str(tmp_path)), {"lr"})
+    (tmp_path / "stage1-B4").mkdir()
+    (tmp_path / "stage1-B4" / "tstar.json").write_text(tstar.json_text(dict(config=dataclasses.asdict(old))))
+    assert tstar.main(["--out-dir", str(tmp_path)]) == 2
+    assert "holds the checkpoints of an earlier run (stage1-B4): continue it with --resume" in capsys.readouterr().err
+    assert tstar.main(["--out-dir", str(tmp_path), "--resume"]) == 2
+    assert "--lr 0.001 then, 0.0003 now" in capsys.readouterr().err
+    assert tstar.main(["--out-dir", str(tmp_path), "--resume", "--lr", "0.001", "--block-sizes", "8,16"]) == 2
+    assert "other settings" in capsys.readouterr().err
 
 
 def test_resume_without_a_finished_stage_is_a_clear_error(tmp_path, capsys):

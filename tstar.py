@@ -254,7 +254,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, one flag per Config field, grouped by the Config's sections."""
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="tstar.py", description=__doc__.split("\n\n")[0],
                             epilog="Defaults are the tiny CPU run; with a checkpoint as --model the paper's setting "
                                    "(SDAR_PRESET) replaces them, and any flag given wins.")
     groups, docs = {}, _field_docs(Config)
@@ -269,8 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
         default = "" if f.default is None or "default" in doc else f" (default: {f.default})"
-        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                           choices=CHOICES.get(f.name), help=doc + default)
+        choices = CHOICES.get(f.name)
+        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices,
+                           metavar=None if choices else f.name.upper(), help=doc + default)
     return parser
 
 
@@ -591,7 +592,11 @@ def grade(response: str, gold: str, timeout: int = 5) -> float:
 
 def load_problems(name: str, limit: int = 0) -> list[dict]:
     """Problems {question, answer} of a named dataset (DATASETS, from the hub) or a local file."""
+    import datasets
     from datasets import load_dataset
+
+    datasets.disable_progress_bars()                # ("Generating train split" on every load)
+    datasets.logging.set_verbosity_error()
 
     path = Path(name)
     if path.suffix in (".json", ".jsonl", ".parquet"):
