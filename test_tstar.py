@@ -831,9 +831,73 @@ GRADING = [  # (response, gold, expected verdict)
 ]
 
 
-@pytest.mark.parametrize("response,gold,verdict", GRADING)
+# Right answers in the forms models write them, and wrong answers that must stay wrong.
+GRADING_MORE = [
+    # a period or other punctuation inside the box
+    ("\\boxed{104.}", "104", 1.0), ("\\boxed{3\\sqrt{13}.}", "3\\sqrt{13}", 1.0),
+    ("\\boxed{\\text{Evelyn}.}", "\\text{Evelyn}", 1.0), ("\\boxed{\\text{Evelyn.}}", "Evelyn", 1.0),
+    ("\\boxed{42;}", "42", 1.0), ("\\boxed{105.}", "104", 0.0),
+    # a unit word after a complete number
+    ("\\boxed{18 dollars}", "18", 1.0), ("\\boxed{3 bolts}", "3", 1.0), ("\\boxed{2000 calories}", "2000", 1.0),
+    ("\\boxed{13 years}", "13", 1.0), ("\\boxed{18 \\text{dollars}}", "18", 1.0), ("\\boxed{1,200 miles}", "1200", 1.0),
+    ("\\boxed{19 dollars}", "18", 0.0), ("\\boxed{3 pi}", "3", 0.0), ("\\boxed{5 \\text{ or } 6}", "5", 0.0),
+    # degrees
+    ("\\boxed{90°}", "90", 1.0), ("\\boxed{90°}", "90^\\circ", 1.0), ("\\boxed{45°}", "90", 0.0),
+    # thousands separators
+    ("\\boxed{1\\,000}", "1000", 1.0), ("\\boxed{1{,}000}", "1000", 1.0), ("\\boxed{12\\,345\\,678}", "12345678", 1.0),
+    ("\\boxed{1\\,001}", "1000", 0.0), ("\\boxed{2\\,x}", "2x", 1.0),
+    # \boxed without braces
+    ("so the answer is \\boxed 18", "18", 1.0), ("\\boxed 18.", "18", 1.0), ("\\boxed 17", "18", 0.0),
+    ("$\\boxed 5$ apples", "5", 1.0),
+    # \textbf / \mathbf wrappers and parenthesised choices
+    ("\\boxed{\\textbf{(C)}}", "C", 1.0), ("\\boxed{\\textbf{(073)}}", "73", 1.0), ("\\boxed{\\mathbf{12}}", "12", 1.0),
+    ("\\boxed{\\textbf{(B)}}", "C", 0.0), ("\\boxed{(C)}", "\\text{(C)}", 1.0), ("\\boxed{\\textbf{(074)}}", "73", 0.0),
+    # an inequality for an interval
+    ("\\boxed{-2 \\le x \\le 7}", "[-2, 7]", 1.0), ("\\boxed{-2 < x < 7}", "(-2,7)", 1.0),
+    ("\\boxed{-2 \\le x < 7}", "[-2, 7)", 1.0), ("\\boxed{-2 < x \\le 7}", "[-2, 7]", 0.0),
+    ("\\boxed{-3 \\le x \\le 7}", "[-2, 7]", 0.0),
+    # wrong answers that must stay wrong
+    ("\\boxed{G+1}", "G", 0.0), ("\\boxed{G \\text{ or } G+1}", "G", 0.0), ("\\boxed{-G}", "G", 0.0),
+    ("\\boxed{1001}", "1000", 0.0), ("\\boxed{99999}", "100000", 0.0), ("\\boxed{1, 2}", "1, 2, 3", 0.0),
+    ("\\boxed{\\{1, 2\\}}", "\\{1, 2, 3\\}", 0.0), ("\\boxed{(0, 1]}", "[0, 1)", 0.0), ("\\boxed{[0, 1]}", "(0, 1)", 0.0),
+    ("\\boxed{0.25}", "25", 0.0), ("\\boxed{0.25}", "25\\%", 1.0), ("\\boxed{\\frac{25}{100}}", "25", 0.0), ("\\boxed{x+1}", "x-1", 0.0),
+    ("\\boxed{\\sqrt{2}}", "2", 0.0), ("\\boxed{2\\pi}", "\\pi", 0.0), ("\\boxed{\\text{Tuesday}}", "\\text{Monday}", 0.0),
+    ("\\boxed{3 \\text{ or } 4}", "3", 0.0), ("\\boxed{12.}", "1.2", 0.0), ("\\boxed{(2)}", "3", 0.0),
+    # plain right answers in other forms
+    ("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}", 1.0), ("\\boxed{25\\%}", "25", 1.0), ("\\boxed{x = 3}", "3", 1.0),
+    ("\\boxed{073}", "73", 1.0), ("\\boxed{\\$18}", "18", 1.0), ("\\boxed{18.00}", "18", 1.0),
+]
+
+
+@pytest.mark.parametrize("response,gold,verdict", GRADING + GRADING_MORE)
 def test_grading_hand_written_cases(response, gold, verdict):
     assert tstar.grade(response, gold) == verdict
+
+
+def test_grading_works_the_same_from_a_worker_thread():
+    """math-verify's time limit uses SIGALRM, which only a main thread may set; off it tstar checks in a
+    worker process. \\dfrac vs \\frac needs math-verify (not the string comparison)."""
+    import threading
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(
+        right=tstar.grade("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"), wrong=tstar.grade("\\boxed{\\dfrac{1}{3}}", "\\frac12")))
+    worker.start()
+    worker.join()
+    assert out == {"right": 1.0, "wrong": 0.0}
+
+
+def test_a_pathological_answer_is_graded_wrong_within_ten_seconds():
+    import time
+    t0 = time.time()
+    assert tstar.grade("\\boxed{9^{9^{9^{9^{9}}}}}", "1") == 0.0
+    assert time.time() - t0 < 10
+
+
+def test_the_prompt_asks_for_a_box_once():
+    asked = "Return your final response within \\boxed{}. What is $1+1$?"
+    assert tstar.math_problem(asked, "2")["question"] == asked
+    plain = tstar.math_problem("What is $1+1$?", "2")["question"]
+    assert plain.count("\\boxed") == 1 and plain.endswith(tstar.MATH_INSTRUCTION)
 
 
 def test_extract_boxed_keeps_nested_braces_and_takes_the_last():

@@ -66,10 +66,14 @@ import inspect
 import json
 import math
 import os
+import multiprocessing
 import random
+import re
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -547,16 +551,59 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} in text (nested braces kept), or None if there is none."""
-    start = text.rfind("\\boxed{")
+    """Content of the last \\boxed{...} in text (nested braces kept), or of a brace-less `\\boxed 18`; None if
+    there is no box, or the response was cut inside it."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\boxed "))
     if start < 0:
         return None
+    rest = text[start + len("\\boxed"):].lstrip()
+    if not rest.startswith("{"):                       # \boxed 18: one token
+        token = re.match(r"[^\s$]+", rest)
+        return token.group(0).rstrip(".,;") if token else None
     depth = 0
-    for i in range(start + len("\\boxed"), len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
+    for i, ch in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
         if depth == 0:
-            return text[start + len("\\boxed{"): i].strip()
+            return rest[1:i].strip()
     return None                                     # unbalanced: the response was cut inside the box
+
+
+UNIT_WORD = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?)\s*(?:\\(?:text|mbox|mathrm)\{\s*)?([A-Za-z]{2,}(?:\s+[A-Za-z]+)*)\s*\}?$")
+NOT_UNITS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "or", "and", "to", "of", "times", "cdot", "div", "mod",
+             "degrees", "degree", "deg", "percent", "radians"}          # (the last few: math-verify reads them)
+RELATION = r"(\\le|\\leq|\\leqslant|<=|\\lt|<)"
+
+
+def normalize_answer(ans: str) -> str:
+    """The forms people write a right answer in, rewritten where that cannot make a wrong answer right:
+    trailing punctuation (`104.`), the degree sign, thousands separators between digit groups (`1\\,000`,
+    `1{,}000`), \\textbf / \\mathbf wrappers and parentheses around a lone choice or integer (`\\textbf{(C)}`),
+    a unit word after a complete number (`18 dollars`; never after anything else: `G \\text{ or } G+1` stays),
+    and a double inequality for an interval (`-2 \\le x \\le 7` -> `[-2, 7]`)."""
+    a = ans.strip()
+    a = re.sub(r"(\\[,!;: ]|\s)+$", "", a)
+    a = re.sub(r"[.,;:]+$", "", a).strip()                          # 104.   3\sqrt{13}.
+    a = re.sub(r"\\text\{([^{}]*?)[.,;:]+\s*\}$", r"\\text{\1}", a)   # \text{Evelyn.}
+    a = a.replace("°", "^\\circ")
+    a = re.sub(r"(?<=\d)(?:\\,|\\!|\{,\}|\\ )(?=\d{3}(?!\d))", "", a)   # 1\,000  1{,}000
+    while True:                                                       # \textbf{(C)}  \mathbf{73}
+        m = re.fullmatch(r"\\(?:textbf|mathbf|boldsymbol|bf)\s*\{(.*)\}", a)
+        if not m:
+            break
+        a = m.group(1).strip()
+    m = re.fullmatch(r"\(\s*([A-Ea-e]|\d+)\s*\)", a)                  # (C)  (073)
+    if m:
+        a = m.group(1)
+    m = UNIT_WORD.fullmatch(a)
+    if m and m.group(2).split()[0].lower() not in NOT_UNITS:          # 18 dollars  2000 \text{calories}
+        a = m.group(1)
+    num = r"(-?\d+(?:\.\d+)?|-?\\frac\{\d+\}\{\d+\}|-?\\infty)"
+    m = re.fullmatch(rf"{num}\s*{RELATION}\s*[a-zA-Z]\s*{RELATION}\s*{num}", a)
+    if m:                                                             # -2 \le x \le 7  ->  [-2, 7]
+        low, r1, r2, high = m.groups()
+        closed = lambda r: r in ("\\le", "\\leq", "\\leqslant", "<=")  # noqa: E731
+        a = f"{'[' if closed(r1) else '('}{low}, {high}{']' if closed(r2) else ')'}"
+    return a
 
 
 def gold_answer(answer: str) -> str:
@@ -568,24 +615,54 @@ def gold_answer(answer: str) -> str:
 
 
 def math_problem(question: str, answer: str) -> dict:
-    return {"question": question.strip() + "\n" + MATH_INSTRUCTION, "answer": gold_answer(str(answer)), "task": "math"}
+    """A math problem: the question with the instruction to box the answer (once: some copies of MATH500
+    already ask for \\boxed{}), and the gold answer."""
+    q = question.strip()
+    return {"question": q if "\\boxed" in q else q + "\n" + MATH_INSTRUCTION, "answer": gold_answer(str(answer)),
+            "task": "math"}
 
 
-def grade(response: str, gold: str, timeout: int = 5) -> float:
+def grade(response: str, gold: str, timeout: int = 8) -> float:
     """1.0 if the last \\boxed{} of the response is equivalent to the gold answer, else 0.0 (also when there
-    is no boxed answer). Equivalence is math-verify's (fractions, LaTeX forms, intervals, sets, units...),
-    with each parse and comparison bounded by `timeout` seconds so grading cannot hang."""
-    from math_verify import parse, verify
-
+    is no boxed answer). Both are normalised (normalize_answer), then compared by math-verify (fractions,
+    LaTeX forms, intervals, sets, units...). One call takes at most `timeout` seconds in any thread:
+    math-verify bounds its parses and comparison with SIGALRM, which only a main thread may set, so off the
+    main thread the check runs in a worker process (a worker that overruns is replaced)."""
     pred = extract_boxed(response)
     if pred is None:
         return 0.0
+    pred, gold = normalize_answer(pred), normalize_answer(gold)
     if pred.replace(" ", "") == gold.replace(" ", ""):
         return 1.0
+    if threading.current_thread() is threading.main_thread() or os.name != "posix":   # (elsewhere math-verify
+        return verify_answer(gold, pred, timeout)                                      # times out without signals)
+    global _GRADER
     try:
-        ok = verify(parse("\\boxed{" + gold + "}", parsing_timeout=timeout),
-                    parse("\\boxed{" + pred + "}", parsing_timeout=timeout), timeout_seconds=timeout)
-    except Exception:                               # a malformed answer is a wrong answer
+        _GRADER = _GRADER or ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))   # (a copy:
+        # nothing to re-import; the worker only runs sympy, never CUDA)
+        return _GRADER.submit(verify_answer, gold, pred, timeout).result(timeout=timeout + 60)   # (+ a start)
+    except Exception:                                   # an overrun or a dead worker: a wrong answer, a new worker
+        if _GRADER is not None:
+            for proc in list(getattr(_GRADER, "_processes", {}).values()):
+                proc.kill()
+            _GRADER.shutdown(wait=False, cancel_futures=True)
+        _GRADER = None
+        return 0.0
+
+
+_GRADER = None
+
+
+def verify_answer(gold: str, pred: str, timeout: int = 8) -> float:
+    """math-verify's equivalence of two answers, its two parses and its comparison each bounded (in all
+    at most `timeout` s). A malformed answer, or one too slow to check, is a wrong answer."""
+    from math_verify import parse, verify
+
+    quarter = max(1, timeout // 4)
+    try:
+        ok = verify(parse("\\boxed{" + gold + "}", parsing_timeout=quarter),
+                    parse("\\boxed{" + pred + "}", parsing_timeout=quarter), timeout_seconds=max(1, timeout - 2 * quarter))
+    except Exception:
         return 0.0
     return float(bool(ok))
 
