@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import tstar
 
@@ -344,19 +345,24 @@ def test_trace_rounds_reproduce_the_hand_worked_example():
         "PP MPMM PMMM PP", ".. P.MM .PMM ..", ".. ..PM ..PP ..", ".. ...P .... .."]
 
 
+@pytest.mark.parametrize("threshold", [0.9, 0.008])      # (the random tiny model is ~1/128 confident)
 @pytest.mark.parametrize("B,offset", [(4, 0), (4, 2), (8, 0), (8, 4)])
-def test_training_layout_reproduces_the_sampler_logprobs(tiny, B, offset):
+def test_training_layout_reproduces_the_sampler_logprobs(tiny, B, offset, threshold):
     """Trajectory consistency: before any update, the log-prob of every target in the training layout
-    equals the log-prob the sampler computed when it committed that token (fp32, within 1e-4)."""
+    equals the log-prob the sampler computed when it committed that token (fp32, within 1e-4). With a low
+    tau many steps commit several tokens at once; an empty prompt is decoded too."""
     model, tok = tiny
-    prompts = [tok.encode(p) for p in PROMPTS]
-    gens = tstar.generate(model, prompts, **sample_kwargs(tok, block_size=B, offset=offset, temperature=1.0),
+    prompts = [tok.encode(p) for p in PROMPTS + [""]]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, block_size=B, offset=offset, temperature=1.0,
+                                                          threshold=threshold),
                           generator=torch.Generator().manual_seed(3))
+    if threshold < 0.5:
+        assert sum(len(g.step_map) - len(set(g.step_map)) for g in gens) > len(gens)    # shared steps
     tb = tstar.build_trace_batch(prompts, gens, range(len(gens)), B, offset, 1, tok.mask_token_id)
     assert len(tb.label) == sum(len(g.ids) for g in gens)          # every token is a target exactly once
     logp = torch.full((len(tb.label),), float("nan"))
     with torch.no_grad():
-        for tgt, lp, _ in tstar.score_sequences(model, None, tb, list(range(len(tb.ids))), 7, B, offset,
+        for tgt, lp, _, _ in tstar.score_sequences(model, None, tb, list(range(len(tb.ids))), 7, B, offset,
                                                 tok.eos_token_id):
             logp[tgt] = lp
     assert (logp - tb.sampler_logp).abs().max().item() <= 1e-4
@@ -445,7 +451,7 @@ def every_token_stops(monkeypatch):
     monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tok: list(range(model.config.vocab_size)))
 
 
-def one_rl_step(reward_fn, **config):
+def one_rl_step(reward_fn, block_size=4, offset=0, **config):
     """A fresh tiny model and value head, one rl_step on three prompts; returns them, the weights before, stats."""
     torch.manual_seed(0)
     model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
@@ -456,9 +462,23 @@ def one_rl_step(reward_fn, **config):
     before = [p.detach().clone() for p in model.parameters()]
     problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
     sampler = tstar.Sampler(model, torch.float32, rows=64)
-    stats = tstar.rl_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, 4, 0,
+    stats = tstar.rl_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, block_size, offset,
                           torch.Generator().manual_seed(0))
     return model, head, before, stats
+
+
+@pytest.mark.parametrize("B,offset", [(4, 0), (4, 2), (8, 0), (8, 4)])
+def test_rl_step_trains_on_the_states_its_rollouts_visited(monkeypatch, B, offset):
+    """Through rl_step itself, rows stopping at different blocks, at offset 0 and at the shifted offset B/2:
+    the trainer's old log-probs equal the sampler's (fp32). Rollouts and training at different offsets, or
+    a training layout that drifts from the sampler's, make this gap 0.1 or more."""
+    monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tok: STOPS)
+    seen = []
+    build = tstar.build_trace_batch
+    monkeypatch.setattr(tstar, "build_trace_batch", lambda *a, **k: seen.append(a[3:5]) or build(*a, **k))
+    model, head, before, stats = one_rl_step(text_parity_reward, B, offset, max_new_tokens=4 * B)
+    assert stats["kept"] > 0 and seen == [(B, offset)]
+    assert 0 < stats["traj_gap"] <= 1e-4          # (0: nothing was compared, or the gap was rounded away)
 
 
 def test_one_rl_step_changes_the_policy_and_the_value_head(every_token_stops):
@@ -478,6 +498,148 @@ def test_a_step_with_zero_advantages_leaves_the_policy_unchanged(every_token_sto
     loss, _, _ = tstar.ppo_token_loss(logp, logp.detach(), torch.zeros(5), 0.2, 0.01)
     loss.sum().backward()
     assert logp.grad.abs().max() == 0
+
+
+# ------------------------------------------------------------------------------------------------ formulas
+
+
+def ppo_case(ratio, adv, clip=0.2, beta=0.0):
+    logp = torch.tensor([math.log(ratio)], requires_grad=True)
+    loss, _, _ = tstar.ppo_token_loss(logp, torch.zeros(1), torch.tensor([float(adv)]), clip, beta)
+    loss.sum().backward()
+    return loss.item(), logp.grad.item()
+
+
+@pytest.mark.parametrize("ratio,adv,loss,grad", [
+    (1.5, +1.0, -1.2, 0.0),       # above the range, positive advantage: clipped, no gradient
+    (0.5, +1.0, -0.5, -0.5),      # below, positive: unclipped; raising log p lowers the loss
+    (1.0, +1.0, -1.0, -1.0),      # inside
+    (1.5, -1.0, +1.5, +1.5),      # above, negative: unclipped, pushes log p down
+    (0.5, -1.0, +0.8, 0.0),       # below, negative: clipped
+    (1.0, -1.0, +1.0, +1.0),      # inside
+])
+def test_ppo_clip_loss_and_gradient_hand_worked(ratio, adv, loss, grad):
+    """L = -min(rho A, clip(rho, 1-eps, 1+eps) A); dL/dlog p = -rho A where the unclipped term is the min."""
+    got_loss, got_grad = ppo_case(ratio, adv)
+    assert got_loss == pytest.approx(loss, abs=1e-6) and got_grad == pytest.approx(grad, abs=1e-6)
+
+
+def test_one_ppo_step_raises_a_positive_advantage_token_and_lowers_a_negative_one():
+    logits = torch.zeros(6, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=0.5)
+    old = logits.detach().log_softmax(-1)
+    logp = logits.log_softmax(-1)[[1, 4]]
+    loss, _, _ = tstar.ppo_token_loss(logp, old[[1, 4]], torch.tensor([1.0, -1.0]), 0.2, 0.01)
+    loss.sum().backward()
+    opt.step()
+    new = logits.detach().log_softmax(-1)
+    assert new[1] > old[1] + 0.05 and new[4] < old[4] - 0.05
+
+
+def test_k3_kl_is_measured_from_the_old_policy_hand_worked():
+    """kl = exp(d) - 1 - d with d = log p_old - log p: 0 at equality, positive otherwise, and not symmetric
+    (d = 1 gives e - 2 = 0.718, d = -1 gives 1/e = 0.368)."""
+    def kl(logp, logp_old):
+        return tstar.ppo_token_loss(torch.tensor([logp]), torch.tensor([logp_old]), torch.zeros(1), 0.2, 1.0)[2].item()
+    assert kl(-2.0, -1.0) == pytest.approx(math.e - 2, abs=1e-6)
+    assert kl(-1.0, -2.0) == pytest.approx(1 / math.e, abs=1e-6)
+    assert kl(-1.5, -1.5) == 0.0
+    loss = tstar.ppo_token_loss(torch.tensor([-2.0]), torch.tensor([-1.0]), torch.zeros(1), 0.2, 0.01)[0]
+    assert loss.item() == pytest.approx(0.01 * (math.e - 2), abs=1e-7)          # beta x kl joins the loss
+
+
+@pytest.mark.parametrize("v,v_old,ret,loss", [
+    (0.5, 0.0, 1.0, 0.5 * 0.64),      # the clipped value (0 + 0.2) is further from R: it wins
+    (-0.5, 0.0, 0.0, 0.5 * 0.25),     # the unclipped one is further: it wins
+    (0.1, 0.0, 1.0, 0.5 * 0.81),      # inside the range: both equal
+])
+def test_clipped_value_loss_takes_the_larger_error_hand_worked(v, v_old, ret, loss):
+    got = tstar.clipped_value_loss(torch.tensor([v]), torch.tensor([v_old]), torch.tensor([ret]), 0.2)
+    assert got.item() == pytest.approx(loss, abs=1e-6)
+
+
+def test_value_gradients_do_not_reach_the_policy(tiny):
+    """The value head reads detached hidden states: a value loss trains the head only."""
+    model, tok = tiny
+    head = tstar.new_value_head(model)
+    torch.nn.init.normal_(head.weight)
+    model.zero_grad(set_to_none=True)
+    ids = torch.tensor([tok.encode("a3 b7=12")])
+    pos, noisy = torch.arange(8)[None], torch.zeros(1, 8, dtype=torch.bool)
+    _, values, _ = tstar.forward_targets(model, ids, pos, noisy, ~noisy, torch.zeros(3, dtype=torch.long),
+                                      torch.tensor([5, 6, 7]), ids[0, 5:], 4, 0, head)
+    (values ** 2).sum().backward()
+    assert head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.parameters())
+
+
+def test_the_outcome_sits_on_each_samples_last_step_and_gae_one_gives_z_minus_value():
+    """Two samples, tokens committed at steps (1, 3, 2, 3) and (2, 1): with gamma = lambda = 1 every token's
+    advantage is z - V; with gamma < 1 its return is gamma^(T - t) z (reward on the last step T only)."""
+    outcome = torch.tensor([0.7, -1.3])
+    sample = torch.tensor([0, 0, 0, 0, 1, 1])
+    token = torch.tensor([0, 1, 2, 3, 0, 1])
+    step = torch.tensor([1, 3, 2, 3, 2, 1])
+    values = torch.tensor([0.1, -0.2, 0.3, 0.0, 0.5, -0.4])
+    adv, ret = tstar.token_advantages(outcome, sample, token, step, values, 1.0, 1.0)
+    assert torch.allclose(adv, outcome[sample] - values) and torch.allclose(ret, outcome[sample])
+    _, ret = tstar.token_advantages(outcome, sample, token, step, torch.zeros(6), 0.5, 1.0)
+    last = torch.tensor([3, 3, 3, 3, 2, 2])
+    assert torch.allclose(ret, outcome[sample] * 0.5 ** (last - step).float())
+
+
+def test_ppo_update_gives_gae_the_group_z_scores_of_the_rewards(monkeypatch, tiny):
+    """The outcome fed to GAE is each kept sample's reward z-scored within its group, not the raw reward;
+    and GAE gets --gamma and --gae-lambda in their places."""
+    model, tok = tiny
+    seen = []
+    real = tstar.token_advantages
+    monkeypatch.setattr(tstar, "token_advantages",
+                        lambda outcome, *a: seen.append((outcome.clone(), a[-2:])) or real(outcome, *a))
+    gens = tstar.generate(model, [tok.encode(p) for p in PROMPTS[:2] for _ in range(4)],
+                          **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0), generator=torch.Generator().manual_seed(1))
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])           # the second group agrees
+    ro = tstar.Rollouts([tok.encode(p) for p in PROMPTS[:2] for _ in range(4)], gens, rewards, 4, 0)
+    head = tstar.new_value_head(model)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.0)
+    tstar.ppo_update(model, head, opt, ro, rl_config(group_size=4, gamma=0.9, gae_lambda=0.5), tok.mask_token_id,
+                     tok.eos_token_id, torch.Generator().manual_seed(0))
+    z = (torch.tensor([1.0, 0.0, 0.0, 0.0]) - 0.25) / math.sqrt(3 / 16)
+    assert len(seen) == 1 and torch.allclose(seen[0][0], z) and seen[0][1] == (0.9, 0.5)
+
+
+def test_a_response_cut_by_the_length_limit_scores_zero(tiny):
+    model, tok = tiny
+    ro = tstar.collect_rollouts(tstar.Sampler(model, torch.float32, 64), tok, [{"question": "a3="}],
+                                lambda text, p: 1.0, rl_config(group_size=4, max_new_tokens=6), 4, 0,
+                                torch.Generator().manual_seed(0))
+    assert all(not g.stopped for g in ro.gens) and ro.rewards.sum() == 0
+
+
+def test_sampler_confidence_is_the_probability_under_the_tempered_truncated_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
+    for T, top_k in ((2.0, 0), (0.5, 0), (1.5, 2)):
+        for seed in range(5):
+            cand, conf, logp = tstar.propose(logits, T, top_k, 1.0, torch.Generator().manual_seed(seed), mask_id=3)
+            z = logits / T
+            if top_k:
+                z = torch.where(z >= z.topk(top_k).values[:, -1:], z, float("-inf"))
+            z[:, 3] = float("-inf")                                                   # the mask token
+            assert conf.item() == pytest.approx(z.softmax(-1)[0, cand].item(), rel=1e-5)
+            assert logp.item() == pytest.approx(logits.log_softmax(-1)[0, cand].item(), rel=1e-5)
+    cand, conf, _ = tstar.propose(logits, 0.0, 0, 1.0, mask_id=4)      # greedy, the top token is the mask:
+    assert cand.item() == 0                                                # the argmax of the rest, and its
+    assert conf.item() == pytest.approx(logits[0, :4].softmax(-1)[0].item(), rel=1e-6)   # probability among them
+
+
+def test_dynamic_remasking_commits_exactly_the_confident_positions_or_the_quota():
+    todo = torch.tensor([[True, True, True, True], [True, True, False, True]])
+    conf = torch.tensor([0.95, 0.91, 0.90, 0.50, 0.3, 0.2, 0.1])                      # row-major over todo
+    quota = torch.tensor([1, 1])
+    dyn = tstar.choose_commits(todo, conf, quota, "dynamic", 0.9)
+    assert dyn.tolist() == [[True, True, False, False], [True, False, False, False]]   # > tau strictly; else quota
+    static = tstar.choose_commits(todo, conf, torch.tensor([2, 2]), "static", 0.9)
+    assert static.tolist() == [[True, True, False, False], [True, True, False, False]]
 
 
 # ------------------------------------------------------------------------------------------------ curriculum
@@ -515,17 +677,45 @@ def tiny_warm_start(tmp_path_factory):
 
 
 def weights(path):
-    from safetensors.torch import load_file
     return load_file(str(path / "model.safetensors"))
 
 
+def spy_on_the_loop(monkeypatch):
+    """Record (B, offset, id(value head), value head weight, policy lm_head weight) at every rl_step, and
+    the offset of every evaluation sampler call."""
+    steps, evals = [], []
+    rl_step, generate = tstar.rl_step, tstar.Sampler.generate
+
+    def spy_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, B, offset, gen):
+        steps.append((B, offset, id(head), head.weight.detach().clone(), model.lm_head.weight.detach().clone()))
+        return rl_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, B, offset, gen)
+
+    def spy_generate(self, prompts, **kw):
+        if kw.get("desc", "").startswith("eval"):
+            evals.append(kw.get("offset", 0))
+        return generate(self, prompts, **kw)
+    monkeypatch.setattr(tstar, "rl_step", spy_step)
+    monkeypatch.setattr(tstar.Sampler, "generate", spy_generate)
+    return steps, evals
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_start, device):
+def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_start, device, monkeypatch):
     """The whole run, then an interrupted run resumed: the same weights, bit for bit (on CUDA too: bf16
     rollouts from a copy, fp32 master weights, deterministic algorithms)."""
     a, b = tmp_path / "a", tmp_path / "b"
     TINY_RUN = TINY + ["--device", device]
+    steps, evals = spy_on_the_loop(monkeypatch)
     assert tstar.main(TINY_RUN + ["--out-dir", tiny_warm_start(a)]) == 0
+    # the wires of the curriculum: each RL step at its stage's block size and planned offset (shifted
+    # boundaries), evaluation at offset 0, and the policy and value head carried from stage to stage
+    assert [(B, off) for B, off, *_ in steps] == [(4, 0), (4, 2), (8, 0), (8, 4)]
+    assert evals and all(off == 0 for off in evals)
+    assert len({head_id for _, _, head_id, _, _ in steps}) == 1          # one value head for the whole run
+    saved = load_file(str(a / "stage1-B4" / "value_head.safetensors"))
+    _, _, _, head_w, policy_w = steps[2]                                  # the first step of stage 2
+    assert torch.equal(head_w, saved["weight"].to(head_w.device))
+    assert torch.equal(policy_w, weights(a / "stage1-B4")["lm_head.weight"].to(policy_w.device))
     records = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "train" for r in records) == 4
     assert any(r["kind"] == "train" and r["kept"] > 0 for r in records)          # RL had something to learn
@@ -538,7 +728,10 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
     assert tstar.main(TINY_RUN + ["--out-dir", tiny_warm_start(b)]) == 0
     import shutil
     shutil.rmtree(b / "stage2-B8")
+    steps.clear()
     assert tstar.main(TINY_RUN + ["--out-dir", str(b), "--resume"]) == 0
+    assert [(B, off) for B, off, *_ in steps] == [(8, 0), (8, 4)]            # stage 2 only, from stage 1's state
+    assert torch.equal(steps[0][3], load_file(str(b / "stage1-B4" / "value_head.safetensors"))["weight"].to(device))
     wa, wb = weights(a / "stage2-B8"), weights(b / "stage2-B8")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     records_b = [json.loads(l) for l in (b / "metrics.jsonl").read_text().splitlines()]

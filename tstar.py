@@ -1227,14 +1227,20 @@ def pad_rows(ids, pos, noisy, pad_id: int):
 
 
 def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_size: int, offset: int,
-                    value_head=None):
+                    value_head=None, entropy: bool = False):
     """log p(label) at (rows, cols) of a padded batch of training sequences, and optionally the value
-    head's estimate there. ids/pos/noisy/valid: (n, T); rows, cols, labels: (M,). Returns (M,), (M,)."""
+    head's estimate there and the entropy of the model's distribution there (for the log).
+    ids/pos/noisy/valid: (n, T); rows, cols, labels: (M,). Returns logp, values, entropy: (M,) or None."""
     mask = block_attention_mask(pos, noisy, pos, noisy, valid, block_size, offset)    # (n, 1, T, T)
     h = hidden_states(model, ids, pos, mask)[rows, cols]                                # (M, H)
-    logp = -F.cross_entropy(model.lm_head(h).float(), labels, reduction="none")        # (M,)
+    logits = model.lm_head(h).float()                                                   # (M, V)
+    logp = -F.cross_entropy(logits, labels, reduction="none")                           # (M,)
     values = value_head(h.detach().float()).squeeze(-1) if value_head is not None else None
-    return logp, values
+    ent = None
+    if entropy:                                                                         # H = -sum_v p log p
+        logp_all = logits.detach().log_softmax(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, values, ent
 
 
 def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: int, pad_id: int,
@@ -1260,7 +1266,7 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
         rows.append(torch.full((int(masked.sum()),), j))
         total += padded_len
     ids, pos, noisy, valid = pad_rows(*zip(*[(a, b, c) for a, b, c, _, _ in pieces]), pad_id=pad_id)
-    logp, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev),
+    logp, _, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev),
                               torch.cat([p[3] for p in pieces]), torch.cat([p[4] for p in pieces]),
                               block_size, 0)
     return -(logp * torch.cat(weights).to(dev)).sum() / total
@@ -1269,7 +1275,7 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
 def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
     """Block-diffusion SFT of a freshly initialised model on the toy train split, at cfg.block_size.
     Stands in for SDAR's "AR-initialised small-block model". Returns the loss of every step."""
-    prompts = [torch.tensor(tokenizer.encode(q), device=device) for q in problems["question"]]
+    prompts = [torch.tensor(tokenizer.encode(q), dtype=torch.long, device=device) for q in problems["question"]]
     answers = [torch.tensor(tokenizer.encode(a) + [tokenizer.eos_token_id], device=device)
                for a in problems["answer"]]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -1352,9 +1358,9 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
     ids, pos, noisy, cols, labels, sample, token, rnd, steps, lps, counts = [], [], [], [], [], [], [], [], [], [], []
     for j in samples:
         g = gens[j]
-        response = torch.tensor(g.ids)
+        response = torch.tensor(g.ids, dtype=torch.long)
         targets, masked = trace_rounds(g.step_map, block_size, offset, g.prompt_len, shrink)    # (R, L)
-        r_ids, r_pos, r_noisy, col = diffusion_layout(torch.tensor(prompts[j]), response, masked,
+        r_ids, r_pos, r_noisy, col = diffusion_layout(torch.tensor(prompts[j], dtype=torch.long), response, masked,
                                                       block_size, offset, mask_id)
         ids += list(r_ids)
         pos += list(r_pos)
@@ -1375,9 +1381,10 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 
 
 def score_sequences(model, value_head, tb: TraceBatch, seqs: Sequence[int], micro_batch: int, block_size: int,
-                    offset: int, pad_id: int, n_chunks: int | None = None):
-    """Forward the chosen training sequences in micro-batches. Yields (targets, logp, values) per
-    micro-batch: the indices of its targets in tb's flat arrays and their log-probs and values (M_mb,).
+                    offset: int, pad_id: int, n_chunks: int | None = None, entropy: bool = False):
+    """Forward the chosen training sequences in micro-batches. Yields (targets, logp, values, entropy) per
+    micro-batch: the indices of its targets in tb's flat arrays and their log-probs, values and (with
+    entropy=True) the entropy of the policy there, each (M_mb,).
 
     n_chunks: yield exactly this many micro-batches, the last ones empty. Under FSDP every process must run
     the same number of forwards (each one gathers the sharded weights with the others); an empty
@@ -1389,19 +1396,20 @@ def score_sequences(model, value_head, tb: TraceBatch, seqs: Sequence[int], micr
         if not chunk:                                        # the dummy: one clean token, its own target
             one = torch.tensor([[pad_id]], device=dev)
             z = torch.zeros_like(one)
-            logp, values = forward_targets(model, one, z, z.bool(), z == 0, z[0], z[0], one[0], block_size, 0,
-                                           value_head)
-            yield torch.zeros(0, dtype=torch.long), logp[:0], None if values is None else values[:0]
+            logp, values, ent = forward_targets(model, one, z, z.bool(), z == 0, z[0], z[0], one[0], block_size, 0,
+                                                value_head, entropy)
+            yield (torch.zeros(0, dtype=torch.long), logp[:0], None if values is None else values[:0],
+                   None if ent is None else ent[:0])
             continue
         counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
         tgt = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in chunk])
         ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
                                           [tb.noisy[k] for k in chunk], pad_id)
         rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)
-        logp, values = forward_targets(model, ids.to(dev), pos.to(dev), noisy.to(dev), valid.to(dev),
-                                       rows.to(dev), tb.col[tgt].to(dev), tb.label[tgt].to(dev),
-                                       block_size, offset, value_head)
-        yield tgt, logp, values
+        logp, values, ent = forward_targets(model, ids.to(dev), pos.to(dev), noisy.to(dev), valid.to(dev),
+                                            rows.to(dev), tb.col[tgt].to(dev), tb.label[tgt].to(dev),
+                                            block_size, offset, value_head, entropy)
+        yield tgt, logp, values, ent
 
 
 # ======================================================================================================
@@ -1662,19 +1670,20 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     seqs = list(range(len(tb.ids)))
     M = len(tb.label)
     stats.update(traj_gap=0.0, explained_var=0.0, clip_frac=0.0, kl=0.0, value_loss=0.0, policy_loss=0.0,
-                 grad_norm=0.0)
+                 grad_norm=0.0, entropy=0.0)
     if dist_sum(M) == 0:                         # no prompt with signal on any process: nothing to learn
         return stats
     n_proc = world()[1]
 
     # 3. old log-probs and values: the pre-update weights, the same layout
-    logp_old, v_old = torch.zeros(M), torch.zeros(M)
+    logp_old, v_old, ent = torch.zeros(M), torch.zeros(M), torch.zeros(M)
     n_chunks = int(dist_max(math.ceil(len(seqs) / cfg.micro_batch)))
     with torch.no_grad(), autocast(cfg, dev):
-        for tgt, logp, values in score_sequences(policy, value_head, tb, seqs, cfg.micro_batch, B, offset, pad_id,
-                                                 n_chunks):
-            logp_old[tgt], v_old[tgt] = logp.float().cpu(), values.float().cpu()
+        for tgt, logp, values, entropy in score_sequences(policy, value_head, tb, seqs, cfg.micro_batch, B, offset,
+                                                          pad_id, n_chunks, entropy=True):
+            logp_old[tgt], v_old[tgt], ent[tgt] = logp.float().cpu(), values.float().cpu(), entropy.cpu()
     stats["traj_gap"] = dist_max((logp_old - tb.sampler_logp).abs().max().item() if M else 0.0)
+    stats["entropy"] = dist_sum(ent.sum().item()) / max(1.0, dist_sum(M))
 
     # 4. advantages per target token: GAE over each sample's denoising steps (TraceRL) or the sample's
     #    group advantage on every token (CJ-GRPO)
@@ -1704,8 +1713,8 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
         n_tok = max(dist_sum(len(tgt_all)), 1)
         n_chunks = int(dist_max(math.ceil(len(mb) / cfg.micro_batch)))
         with autocast(cfg, dev):
-            for tgt, logp, values in score_sequences(policy, value_head, tb, mb, cfg.micro_batch, B, offset,
-                                                     pad_id, n_chunks):
+            for tgt, logp, values, _ in score_sequences(policy, value_head, tb, mb, cfg.micro_batch, B, offset,
+                                                        pad_id, n_chunks):
                 per_tok, ratio, kl = ppo_token_loss(logp.float(), logp_old[tgt].to(dev), adv[tgt].to(dev),
                                                     cfg.clip_eps, cfg.beta)
                 loss = (per_tok * weights[tgt].to(dev)).sum() / norm
@@ -2446,7 +2455,7 @@ def train(cfg: Config, model, value_head, sampler: Sampler, tokenizer, train_pro
             if is_main():
                 print(f"stage {stage} B={B:<2d} off={offset:<2d} step {r['step']:4d} | acc {r['accuracy']:.3f} "
                       f"kept {r['kept']:.2f} cut {r['clipped_ratio']:.2f} TPF {r['tpf']:.2f} LS {r['local_strict']:.3f} "
-                      f"len {r['length']:.1f} | loss {r['policy_loss']:+.3f} clip {r['clip_frac']:.3f} "
+                      f"len {r['length']:.1f} | loss {r['policy_loss']:+.3f} ent {r['entropy']:.2f} clip {r['clip_frac']:.3f} "
                       f"kl {r['kl']:.1e} gnorm {r['grad_norm']:.2f} vloss {r['value_loss']:.3f} "
                       f"ev {r['explained_var']:+.2f} gap {r['traj_gap']:.1e} | {r['seconds']:.1f}s", flush=True)
         evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
