@@ -113,7 +113,7 @@ class Config:
     out_dir: str = "runs/tiny"
     """where the warm start, stage checkpoints, metrics.jsonl, tables and plots go"""
 
-    # --- sampler (design.md section 3) ---
+    # --- sampler ---
     block_size: int = 4
     """the base model's block size; the tiny model's warm start trains at it"""
     steps_per_block: int | None = None
@@ -149,7 +149,7 @@ class Config:
     test_size: int = 256
     """problems in the toy task's test split (disjoint from train)"""
 
-    # --- warm start (design.md section 4) ---
+    # --- warm start ---
     warm_start_steps: int = 600
     """optimizer steps of the tiny model's block-diffusion SFT at --block-size"""
     warm_start_batch: int = 32
@@ -171,7 +171,7 @@ class Config:
     show_trajectory: bool = False
     """print the decoding order of a few evaluation samples after each evaluation"""
 
-    # --- T* curriculum and TraceRL (design.md sections 5-6) ---
+    # --- T* curriculum and TraceRL ---
     block_sizes: str = "4,8,16,32"
     """the curriculum: one RL stage per block size, in this (increasing) order"""
     steps_per_stage: int = 30
