@@ -962,6 +962,21 @@ def test_two_processes_make_the_update_of_one_process_on_their_union(tmp_path, t
     assert s1["kept"] == s2["kept"] and s1["clip_frac"] == pytest.approx(s2["clip_frac"])
 
 
+def test_a_warm_start_trained_under_torchrun_is_shared_by_the_processes(tmp_path):
+    """Rank 0 trains and saves the warm start, the other processes wait and load it; the run then trains
+    (a mismatched barrier here would hang, and the timeout would fail the test)."""
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
+           str(HERE / "tstar.py"), "--device", "cpu", "--warm-start-steps", "3", "--warm-start-batch", "4",
+           "--train-size", "40", "--test-size", "4", "--block-sizes", "4", "--steps-per-stage", "1",
+           "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "24", "--out-dir", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "warmstart" / "tstar.json").is_file() and (tmp_path / "stage1-B4" / "tstar.json").is_file()
+
+
 @CUDA
 def test_more_torchrun_processes_than_gpus_is_a_clear_error(tmp_path):
     import subprocess

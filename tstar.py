@@ -25,35 +25,22 @@ Glossary (used in names and comments throughout):
               tokens" are the tokens up to and including the first stop token.
     trace round  one training state rebuilt from the step map (section 7).
 
-Where this file departs from the papers (choices made where they are silent, and simplifications):
-    * The model is transformers' own Qwen3ForCausalLM with a 4D block mask; SDAR checkpoints load into it
-      unchanged (their weights are Qwen3's). No trust_remote_code, no flash-attn.
-    * The tiny model uses a character tokenizer and a toy task (section 3) instead of math, so that the
-      whole method runs on a laptop CPU. Its "AR-initialised small-block model" is a short block-diffusion
-      SFT at B=4 with SDAR's loss (section 6), without an AR stage.
-    * Sampler: a block with m masked positions and a budget of K steps uses min(K, m) steps, so every step
-      commits at least one token (SDAR would spend a forward that commits nothing when m < K). The first
-      block (shared with the prompt's tail) and a block cut by the length limit have fewer than B masked
-      positions; their quotas, ASS's schedule and EOSER's step fraction are computed from that count. The
-      mask token is never a candidate. A candidate's confidence is its probability under the sampling
-      distribution (after temperature, top-k, top-p); greedy uses softmax(logits)[argmax]. The log-prob
-      recorded for training is under the model's own untempered distribution, which the trainer computes.
-    * Training layout: the noisy copy starts at the block that holds the first response token, so it
-      carries the prompt's tail exactly as the sampler's first block did, at the rollout's own offset (the
-      reference trainer counts blocks from the response start and drifts from the sampler). Every decoded
-      token is trained, the stop token and the rest of its block included (the reference never trains eos).
-    * TraceRL's value model is a linear value head on the policy's detached final hidden states, with its
-      own learning rate (section 8). Rewards are z-scored per group and placed on the last step's tokens;
-      groups whose rewards all agree are dropped. The policy loss is a mean over target tokens (not over a
-      padded length); CJ-GRPO's is a mean per trace round, then over rounds and samples.
-    * Each RL step makes --minibatches (default 2) PPO updates on a shuffled split of its sequences, with
-      old log-probs and values from one no-grad pass at the pre-update weights.
-    * T*: "shifted boundaries" is read as offset B/2 for both the rollout and the training layout of half of
-      a stage's batches, spread evenly over the stage; evaluation uses offset 0. The direct baseline has as
-      many stages and steps as T*, all at the last block size, with the optimizer rebuilt per stage too.
-    * Full scale: fp32 master weights with bf16 autocast and plain AdamW; under torchrun, gradients are
-      summed over processes by hand (DDP's arithmetic without wrapping the model). No FSDP: a model whose
-      weights, gradients and optimizer state do not fit one GPU (SDAR-4B on 80 GB) is not supported.
+Where this file departs from the papers (choices where they are silent, and simplifications), and why:
+    * Model: transformers' Qwen3ForCausalLM with a 4D block mask, not SDAR's remote code (flash-attn only).
+    * Tiny run: a character tokenizer and a toy task (section 3), so that the method runs on a laptop CPU.
+    * Tiny run: the "AR-initialised B=4 model" is a short block-diffusion SFT at B=4 (section 6), no AR stage.
+    * Sampler: a block with m < K masks takes m steps, so every step commits (SDAR may spend empty forwards).
+    * Sampler: a finished block's keys and values ride along with the next block's first forward.
+    * Sampler: confidence is the probability under the sampling distribution; the mask is never proposed.
+    * Trainer: the noisy copy uses the rollout's own block offset (the reference drifts when P mod B != 0).
+    * Trainer: every decoded token is trained, eos and the rest of its block too (the reference skips eos).
+    * Value: a linear head on the policy's detached hidden states, own learning rate, not a second model.
+    * Loss: a mean over all target tokens of all processes, not over a padded length (CJ-GRPO: per round).
+    * PPO: --minibatches (2) optimizer steps per RL step; old log-probs from one pass before the first.
+    * T*: shifted boundaries = offset B/2 for rollout and training of half of each stage's batches.
+    * Direct baseline: as many stages and steps as T*, all at the last block size, fresh optimizers alike.
+    * GPU: fp32 master weights, bf16 autocast; rollouts from a bf16 copy, so log-probs differ by rounding.
+    * LocalStrict: the paper gives no formula; here, in-block adjacent pairs decoded in order (section 9).
 """
 
 from __future__ import annotations
@@ -93,9 +80,12 @@ class UsageError(Exception):
 # ======================================================================================================
 # 1. Config
 # ======================================================================================================
-# One dataclass holds every setting; the command line is generated from it (each field's docstring is
-# its --help text). Defaults are the tiny CPU run. When --model is a real checkpoint, SDAR_PRESET
-# switches the defaults to the paper's setting; any flag given on the command line wins.
+# One dataclass holds every setting; the command line is generated from it (each field's docstring is its
+# --help text, each "# --- name ---" comment above a run of fields its group). Defaults are the tiny CPU run.
+# When --model is a real checkpoint, SDAR_PRESET switches the defaults to the paper's setting; any flag given
+# on the command line wins. finalize_config applies the preset, parses the comma-separated lists once into
+# typed values (cfg.curriculum, cfg.eval_sizes, cfg.band) and checks every value, so a bad flag is one line
+# of error before any work starts.
 
 
 @dataclass
@@ -231,7 +221,19 @@ class Config:
 
 CHOICES = {"remasking": ("static", "dynamic", "ass"), "advantage": ("gae", "group"),
            "dtype": ("auto", "float32", "bfloat16"), "device": None}
+
+
 DERIVED = ("curriculum", "eval_sizes", "band")
+
+
+# The paper's setting (TraceRL arXiv 2509.06949, T* arXiv 2601.11214), switched on when --model is a
+# checkpoint. Every value can still be overridden on the command line.
+SDAR_PRESET = dict(
+    out_dir="runs/sdar", train_dataset="math", eval_datasets="math500", block_sizes="4,8,16,32",
+    steps_per_stage=100, prompts_per_step=64, group_size=16, rollout_temperature=1.0, temperature=1.0,
+    remasking="dynamic", threshold=0.9, max_new_tokens=2000, lr=1e-6, value_lr=1e-4, grad_clip=1.0,
+    acc_band="0.2,0.8", eval_samples=3, micro_batch=4, grad_checkpointing=True,
+)
 
 
 def _field_docs(cls) -> dict[str, tuple[str, str]]:
@@ -285,6 +287,53 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, set[str]]:
     return Config(**given), set(given)
 
 
+def finalize_config(cfg: Config, given: set[str]) -> Config:
+    """Apply the preset for checkpoints, parse the lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and
+    check every setting: one clear error for the first bad one, before any work starts."""
+    if not is_toy_model(cfg.model):
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
+    sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
+    if any(b < 1 for b in sizes):
+        raise UsageError(f"block sizes must be >= 1, got {cfg.block_sizes}")
+    if any(b2 <= b1 for b1, b2 in zip(sizes, sizes[1:])):
+        raise UsageError(f"--block-sizes must be increasing, got {cfg.block_sizes}")
+    eval_sizes = parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
+    if any(b < 1 for b in eval_sizes):
+        raise UsageError(f"block sizes must be >= 1, got {cfg.eval_block_sizes}")
+    cfg = dataclasses.replace(cfg, curriculum=tuple(sizes), eval_sizes=tuple(eval_sizes), band=parse_band(cfg.acc_band))
+    at_least = lambda name, low: (getattr(cfg, name) >= low, f"--{name.replace('_', '-')} must be >= {low}, "  # noqa: E731
+                                                             f"got {getattr(cfg, name)}")
+    positive = lambda name: (getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, "              # noqa: E731
+                                                     f"got {getattr(cfg, name)}")
+    checks = [
+        (0.0 <= cfg.shift_fraction <= 1.0, f"--shift-fraction must be in [0, 1], got {cfg.shift_fraction}"),
+        (cfg.steps_per_block is None or cfg.steps_per_block >= 1,
+         f"--steps-per-block must be positive, got {cfg.steps_per_block}"),
+        (0.0 <= cfg.threshold <= 1.0, f"--threshold must be in [0, 1], got {cfg.threshold}"),
+        at_least("micro_batch", 1), at_least("minibatches", 1), at_least("prompts_per_step", 1),
+        at_least("steps_per_stage", 1), at_least("max_new_tokens", 1), at_least("eval_samples", 1),
+        at_least("shrink", 1), at_least("train_size", 1), at_least("test_size", 1), at_least("warm_start_steps", 1),
+        at_least("warm_start_batch", 1), at_least("eval_limit", 0), at_least("top_k", 0), at_least("block_size", 1),
+        (cfg.rollout_batch is None or cfg.rollout_batch >= 1, f"--rollout-batch must be >= 1, got {cfg.rollout_batch}"),
+        (cfg.eval_batch is None or cfg.eval_batch >= 1, f"--eval-batch must be >= 1, got {cfg.eval_batch}"),
+        (cfg.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples), got {cfg.group_size}"),
+        positive("lr"), positive("value_lr"), positive("warm_start_lr"), positive("clip_eps"), positive("grad_clip"),
+        (cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}"),
+        (0.0 <= cfg.gamma <= 1.0 and 0.0 <= cfg.gae_lambda <= 1.0,
+         f"--gamma and --gae-lambda must be in [0, 1], got {cfg.gamma} and {cfg.gae_lambda}"),
+        (cfg.temperature >= 0 and cfg.rollout_temperature >= 0, "temperatures must be >= 0"),
+        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
+        (0 < cfg.eoser_gamma_min <= 1 and 0 < cfg.eoser_gamma_max <= 1,
+         f"EOSER gammas must be in (0, 1], got {cfg.eoser_gamma_min} and {cfg.eoser_gamma_max}"),
+        (cfg.eoser_gamma_min <= cfg.eoser_gamma_max,
+         f"--eoser-gamma-min {cfg.eoser_gamma_min} is larger than --eoser-gamma-max {cfg.eoser_gamma_max}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return cfg
+
+
 def parse_int_list(text: str, name: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -293,6 +342,16 @@ def parse_int_list(text: str, name: str) -> list[int]:
     if not values:
         raise UsageError(f"{name} is empty")
     return values
+
+
+def parse_band(text: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--acc-band must be two numbers low,high; got {text!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise UsageError(f"--acc-band must satisfy 0 <= low <= high <= 1, got {text!r}")
+    return low, high
 
 
 def check_fits(prompt_len: int, max_new_tokens: int, max_positions: int, block_size: int = 1,
@@ -320,11 +379,17 @@ def check_block_size(B: int, K: int | None, max_positions: int) -> None:
 # ======================================================================================================
 # 2. Model and tokenizer
 # ======================================================================================================
-# Every model is transformers' own Qwen3ForCausalLM (design.md section 1). SDAR checkpoints are Qwen3
-# weights trained for block diffusion: their config says model_type "sdar" and points at remote code
-# (which needs flash-attn and an old transformers); we read the config as a dict, drop the keys that name
-# the remote classes, and build a Qwen3Config from the rest. The logits are identical to SDAR's own code.
-# There is no logit shift: the hidden state at position i predicts the token at position i.
+# Every model is transformers' own Qwen3ForCausalLM. SDAR checkpoints (SDAR, arXiv 2510.06303) are Qwen3
+# weights trained for block diffusion: their config says model_type "sdar" and points at remote code (which
+# needs flash-attn and an old transformers); we read the config as a dict, drop the keys that name the remote
+# classes, and build a Qwen3Config from the rest. The logits are identical to SDAR's own code (checked: max
+# abs diff 0.0 in fp32 under the same block mask). There is no logit shift: the hidden state at position i
+# predicts the token at position i. The token ids come from the tokenizer, none is hard-coded: SDAR's mask
+# token is <|MASK|> (151669), <|endoftext|> (151643) is both eos and pad, and its generation config adds
+# <|im_end|> (151645), which ends a chat turn, as a stop id. The tiny model uses a character tokenizer with the
+# same interface. Compute runs in bf16 on CUDA (autocast over fp32 master weights when training) and fp32 on
+# the CPU: chosen in compute_dtype, one place.
+
 
 _DROP_KEYS = ("model_type", "auto_map", "architectures", "transformers_version", "torch_dtype", "dtype")
 
@@ -356,6 +421,16 @@ def char_tokenizer():
     backend.decoder = decoders.Fuse()                                                     # join without spaces
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>", mask_token="<|mask|>", unk_token="<|unk|>")
+
+
+def is_architecture_file(model: str) -> bool:
+    return model.endswith(".json")
+
+
+def is_toy_model(model: str) -> bool:
+    """A config JSON, or a checkpoint that tstar saved from the toy run (its tstar.json says so)."""
+    info = Path(model) / "tstar.json"
+    return is_architecture_file(model) or (info.is_file() and json.loads(info.read_text()).get("task") == "toy")
 
 
 def block_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -396,16 +471,6 @@ def register_attention() -> str:
     AttentionInterface.register("tstar_sdpa", block_sdpa)
     AttentionMaskInterface.register("tstar_sdpa", sdpa_mask)     # plain calls without a mask stay causal
     return "tstar_sdpa"
-
-
-def is_architecture_file(model: str) -> bool:
-    return model.endswith(".json")
-
-
-def is_toy_model(model: str) -> bool:
-    """A config JSON, or a checkpoint that tstar saved from the toy run (its tstar.json says so)."""
-    info = Path(model) / "tstar.json"
-    return is_architecture_file(model) or (info.is_file() and json.loads(info.read_text()).get("task") == "toy")
 
 
 def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -469,6 +534,16 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    """Checkpoints with a chat template get it (one user turn, generation prompt); the tiny model's
+    character tokenizer reads the question as it is."""
+    if getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    return tokenizer.encode(question)
+
+
 def hidden_states(model, ids, pos, mask, cache=None):
     """Final hidden states (batch, L, H) under an explicit 4D block mask. The LM head is applied by the
     caller to just the positions it needs, which saves most of the vocabulary projection."""
@@ -477,22 +552,38 @@ def hidden_states(model, ids, pos, mask, cache=None):
     return out.last_hidden_state
 
 
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, cfg.dtype)
+
+
+def autocast(cfg: Config, device: torch.device):
+    """Forward passes run in the compute dtype; weights stay in float32 when training (master weights:
+    an update of lr 1e-6 is below bfloat16's resolution for most weights and would be lost)."""
+    dtype = compute_dtype(cfg, device)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 # ======================================================================================================
-# 3. Tasks: the toy, math datasets, rewards
+# 3. Tasks and rewards: the toy, math datasets, grading
 # ======================================================================================================
-# The toy task must be verifiable, have responses of 20-60 tokens, and make large blocks genuinely hard
-# for a model trained at B=4. A problem is four groups of five characters:
+# The toy task must be verifiable, have responses of 20-60 tokens, and make large blocks genuinely hard for a
+# model trained at B=4. A problem is four groups of five characters:
 #     question "?604??764??593??242?="      one valid answer "62712852137869580103"
-# In each group of the answer, the first digit is free (any digit), the next three are the question's
-# digits passed through a fixed substitution (TOY_NEXT: 0->7, 1->4, ...), and the fifth is a check digit:
-# the substitution of the group's free digit. The reward is 1 if the answer follows every rule.
-# The translated digits can all be decoded in parallel. A check digit depends on a free choice made 4
-# tokens earlier: at B=4 that choice is always in an earlier, finished block, but at B >= 8 both can
-# sit masked in the same block, and committing the check first is a guess that fails 9 times in 10.
-# A B=4 model has never seen that situation, so at B=8..32 it fails often and at random (the free digit
-# is sampled), which gives RL a signal. Several valid answers per question also make the rollouts of a
-# group differ, as a language model's do.
+# In each group of the answer, the first digit is free (any digit), the next three are the question's digits
+# passed through a fixed substitution (TOY_NEXT: 0->7, 1->4, ...), and the fifth is a check digit: the
+# substitution of the group's free digit. The reward is 1 if the answer follows every rule. The translated
+# digits can all be decoded in parallel. A check digit depends on a free choice made 4 tokens earlier: at B=4
+# that choice is always in an earlier, finished block, but at B >= 8 both can sit masked in the same block,
+# and committing the check first is a guess that fails 9 times in 10. A B=4 model has never seen that
+# situation, so at B=8..32 it fails often and at random (the free digit is sampled), which gives RL a signal.
+# Several valid answers per question also make the rollouts of a group differ, as a language model's do.
+
+
 TOY_GROUPS = 4                           # groups of five digits in the answer
+
+
 TOY_NEXT = (7, 4, 0, 9, 1, 8, 2, 5, 3, 6)       # digit substitution
 
 
@@ -537,16 +628,23 @@ def toy_splits(train_size: int, test_size: int, seed: int):
     return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
 
 
-# --- math: datasets and grading (the paper's setting) ---------------------------------------------------
-# name -> (hub id, config, split, question field, answer field). Local JSON/JSONL/Parquet files work too;
-# their fields are found among LOCAL_FIELDS. Questions and gold answers are normalised in math_problem().
+# --- math: datasets and grading (the paper's setting) -------------------------------------------------
+# name -> (hub id, config, split, question field, answer field). Local JSON/JSONL/Parquet files work too; their
+# fields are found among LOCAL_FIELDS. The reward is 1 if the last \boxed{} of a response is equivalent to
+# the gold answer: both are normalised (normalize_answer) and compared by math-verify.
+
+
 DATASETS = {
     "math": ("DigitalLearningGmbH/MATH-lighteval", "default", "train", "problem", "solution"),   # MATH train
     "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
     "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer"),
     "aime2024": ("HuggingFaceH4/aime_2024", None, "train", "problem", "answer"),
 }
+
+
 LOCAL_FIELDS = (("question", "answer"), ("problem", "answer"), ("problem", "solution"))
+
+
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -569,8 +667,12 @@ def extract_boxed(text: str) -> str | None:
 
 
 UNIT_WORD = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?)\s*(?:\\(?:text|mbox|mathrm)\{\s*)?([A-Za-z]{2,}(?:\s+[A-Za-z]+)*)\s*\}?$")
+
+
 NOT_UNITS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "or", "and", "to", "of", "times", "cdot", "div", "mod",
              "degrees", "degree", "deg", "percent", "radians"}          # (the last few: math-verify reads them)
+
+
 RELATION = r"(\\le|\\leq|\\leqslant|<=|\\lt|<)"
 
 
@@ -622,6 +724,23 @@ def math_problem(question: str, answer: str) -> dict:
             "task": "math"}
 
 
+def verify_answer(gold: str, pred: str, timeout: int = 8) -> float:
+    """math-verify's equivalence of two answers, its two parses and its comparison each bounded (in all
+    at most `timeout` s). A malformed answer, or one too slow to check, is a wrong answer."""
+    from math_verify import parse, verify
+
+    quarter = max(1, timeout // 4)
+    try:
+        ok = verify(parse("\\boxed{" + gold + "}", parsing_timeout=quarter),
+                    parse("\\boxed{" + pred + "}", parsing_timeout=quarter), timeout_seconds=max(1, timeout - 2 * quarter))
+    except Exception:
+        return 0.0
+    return float(bool(ok))
+
+
+_GRADER = None
+
+
 def grade(response: str, gold: str, timeout: int = 8) -> float:
     """1.0 if the last \\boxed{} of the response is equivalent to the gold answer, else 0.0 (also when there
     is no boxed answer). Both are normalised (normalize_answer), then compared by math-verify (fractions,
@@ -650,23 +769,6 @@ def grade(response: str, gold: str, timeout: int = 8) -> float:
         return 0.0
 
 
-_GRADER = None
-
-
-def verify_answer(gold: str, pred: str, timeout: int = 8) -> float:
-    """math-verify's equivalence of two answers, its two parses and its comparison each bounded (in all
-    at most `timeout` s). A malformed answer, or one too slow to check, is a wrong answer."""
-    from math_verify import parse, verify
-
-    quarter = max(1, timeout // 4)
-    try:
-        ok = verify(parse("\\boxed{" + gold + "}", parsing_timeout=quarter),
-                    parse("\\boxed{" + pred + "}", parsing_timeout=quarter), timeout_seconds=max(1, timeout - 2 * quarter))
-    except Exception:
-        return 0.0
-    return float(bool(ok))
-
-
 def load_problems(name: str, limit: int = 0) -> list[dict]:
     """Problems {question, answer} of a named dataset (DATASETS, from the hub) or a local file."""
     import datasets
@@ -676,7 +778,7 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
     datasets.logging.set_verbosity_error()
 
     path = Path(name)
-    if path.suffix in (".json", ".jsonl", ".parquet"):
+    if path.suffix in (".json", ".jsonl", ".parquet"):           # a local file: check it before the loader does
         if not path.is_file():
             raise UsageError(f"no such dataset file: {name}")
         kind = "parquet" if path.suffix == ".parquet" else "json"
@@ -695,7 +797,7 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
             missing = "question" if not {"question", "problem"} & set(ds.column_names) else "answer"
             raise UsageError(f"{name} has no {missing!r} field (nor {'problem' if missing == 'question' else 'solution'!r}); "
                              f"columns found: {', '.join(ds.column_names)}")
-    elif name in DATASETS:
+    elif name in DATASETS:                        # a name from the table above: the hub (or its cache)
         hub_id, config, split, *fields = DATASETS[name]
         try:
             ds = load_dataset(hub_id, config, split=split)
@@ -708,26 +810,50 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
     else:
         raise UsageError(f"unknown dataset {name!r}: not one of {', '.join(['toy', *DATASETS])} "
                          f"and not a .json/.jsonl/.parquet file")
-    if limit:
+    if limit:                                     # --eval-limit: the first N problems
         ds = ds.select(range(min(limit, len(ds))))
     question, answer = fields
     return [math_problem(q, a) for q, a in zip(ds[question], ds[answer])]
 
 
+def load_task(cfg: Config):
+    """(train problems, {name: evaluation problems}, reward function); problems are dicts question/answer.
+    The toy is graded by its rules, everything else as math (grade)."""
+    def problems(name: str, split: str, limit: int = 0) -> list[dict]:
+        if name != "toy":
+            return load_problems(name, limit)
+        rows = [{**p, "task": "toy"} for p in toy_splits(cfg.train_size, cfg.test_size, cfg.seed)[split]]
+        return rows[:limit] if limit else rows
+
+    def reward(response: str, problem: dict) -> float:
+        if problem["task"] == "toy":
+            return toy_reward(response, problem["question"])
+        return grade(response, problem["answer"])
+
+    names = [n.strip() for n in cfg.eval_datasets.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--eval-datasets is empty")
+    evals = {Path(n).stem if Path(n).suffix else n: problems(n, "test", cfg.eval_limit) for n in names}
+    needs_train = not cfg.eval_only or is_architecture_file(cfg.model)          # training, or the warm start
+    train = problems(cfg.train_dataset, "train") if needs_train else []
+    return train, evals, reward
+
+
 # ======================================================================================================
 # 4. Block attention
 # ======================================================================================================
-# Blocks are cut at absolute positions offset + k*B (design.md section 2). With offset > 0 the first
-# block [0, offset) is shorter. Block index of position p:  b(p) = floor((p - offset) / B).
+# Blocks are cut at absolute positions offset + k*B (SDAR's convention is offset 0; T*'s shifted boundaries use
+# offset B/2). With offset > 0 the first block [0, offset) is shorter. Block index of position p:
+# b(p) = floor((p - offset) / B).
 #
 # One mask builder serves the sampler, the warm start and the trainer. Every token is either clean (a
 # finalized token) or noisy (a token of the block being denoised, some of them masks). Rules:
 #     clean query i may see clean key j  iff  b(j) <= b(i)                 (block-causal)
 #     noisy query i may see clean key j  iff  b(j) <  b(i)                 (finished blocks before it)
 #                       and noisy key j  iff  b(j) == b(i)                 (its own block, bidirectional)
-# Padding keys are never seen; a padding query sees only itself (a query that may see nothing is a NaN
-# source on some attention kernels). The sampler's current block is the noisy part and its KV cache the
-# clean part; training sequences are [clean sequence | noisy copy of the response blocks].
+# Padding keys are never seen; a padding query sees only itself (a query that may see nothing is a NaN source
+# on some attention kernels). The sampler's current block is the noisy part and its KV cache the clean part;
+# training sequences are [clean sequence | noisy copy of the response blocks].
 
 
 def block_index(pos, block_size: int, offset: int = 0):
@@ -782,7 +908,7 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
 #     --max-new-tokens for rewards and metrics; the tokens past the cut were decoded, so they stay in
 #     the trajectory and are trained like the tokens after a stop token.
 #
-# Two schedules of the CJ-GRPO paper (arXiv 2509.23924, section 3) plug into the same loop:
+# Two schedules of the CJ-GRPO paper (arXiv 2509.23924) plug into the same loop:
 #   * ASS (--remasking ass): a block with m masked positions takes ceil(log2 m) steps; step s commits the
 #     2^s most confident positions and the last step all that remain (B=8: 1, 2, 5). K is not used.
 #   * EOSER (--eoser): at step s of the n steps a block plans, the confidence of every candidate that is a
@@ -797,6 +923,10 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
 # half of the rows have stopped; then the live rows are moved to the front of the same buffers
 # (compaction: a few copies per call, never one per step). All per-token decisions are tensor ops over
 # (rows, B); Python loops run over blocks and steps only.
+#
+# The step loop is generate(); around it: step_quotas, propose, choose_commits and eoser_factor decide what a
+# step commits; padded_frame lays the batch out; Decoder runs the forward passes (KV cache, CUDA graphs);
+# finish_rows turns finished rows into Generations and compacts the rest.
 
 
 @dataclass
@@ -983,6 +1113,11 @@ def kv_cache_bytes_per_row(config, width: int, dtype) -> int:
 KV_BUCKET = 256     # with CUDA graphs, a step attends to a multiple of this many slots (one graph each)
 
 
+def row_bucket(n: int, capacity: int) -> int:
+    """Rows a CUDA-graph frame keeps for n live rows: the next power of two, at most the capacity."""
+    return min(capacity, 1 << max(0, n - 1).bit_length())
+
+
 class Decoder:
     """The sampler's forward passes. One per batch of generate calls (e.g. all rollouts of an RL step):
     it holds the KV cache, sized for `rows` x `width`. With graphs=True the steps have fixed shapes (rows
@@ -1091,9 +1226,32 @@ class Decoder:
         return g
 
 
-def row_bucket(n: int, capacity: int) -> int:
-    """Rows a CUDA-graph frame keeps for n live rows: the next power of two, at most the capacity."""
-    return min(capacity, 1 << max(0, n - 1).bit_length())
+def finish_rows(frame: Frame, c: int, B: int, stops, max_new_tokens: int, prompts, offset: int, results: list,
+                decoder: Decoder, graphs: bool) -> Frame:
+    """After the block at column c: rows that produced a stop token in it, or reached their last block,
+    become Generations; when half of the frame's rows are finished, the live rows are compacted to the
+    front (frame and cache)."""
+    c_end = c + B
+    stopped = (torch.isin(frame.x[:, c:c_end], stops) & frame.is_resp[:, c:c_end]).any(1)   # (n,)
+    done = frame.live & (stopped | (frame.end <= c_end))
+    for i in done.nonzero()[:, 0].tolist():
+        r = frame.is_resp[i, :c_end]
+        ids = frame.x[i, :c_end][r]
+        hit = torch.isin(ids[:max_new_tokens], stops).nonzero()
+        results[int(frame.index[i])] = Generation(
+            ids=ids.tolist(), step_map=frame.step_map[i, :c_end][r].tolist(), logprobs=frame.logp[i, :c_end][r].tolist(),
+            nfe=int(frame.nfe[i]), n_tokens=int(hit[0]) + 1 if len(hit) else min(len(ids), max_new_tokens),
+            stopped=bool(len(hit)), prompt_len=len(prompts[int(frame.index[i])]), offset=offset)
+    frame.live &= ~done
+    n, n_live = frame.x.shape[0], int(frame.live.sum())
+    if 0 < n_live <= n // 2:
+        keep = frame.live.nonzero()[:, 0]
+        if graphs:                                  # fill up to a bucket with finished rows
+            extra = (~frame.live).nonzero()[:, 0][: row_bucket(n_live, decoder.rows) - n_live]
+            keep = torch.cat([keep, extra]).sort().values
+        decoder.keep_rows(keep)
+        frame = frame.select(keep)
+    return frame
 
 
 @torch.no_grad()
@@ -1158,48 +1316,33 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
     return results
 
 
-def finish_rows(frame: Frame, c: int, B: int, stops, max_new_tokens: int, prompts, offset: int, results: list,
-                decoder: Decoder, graphs: bool) -> Frame:
-    """After the block at column c: rows that produced a stop token in it, or reached their last block,
-    become Generations; when half of the frame's rows are finished, the live rows are compacted to the
-    front (frame and cache)."""
-    c_end = c + B
-    stopped = (torch.isin(frame.x[:, c:c_end], stops) & frame.is_resp[:, c:c_end]).any(1)   # (n,)
-    done = frame.live & (stopped | (frame.end <= c_end))
-    for i in done.nonzero()[:, 0].tolist():
-        r = frame.is_resp[i, :c_end]
-        ids = frame.x[i, :c_end][r]
-        hit = torch.isin(ids[:max_new_tokens], stops).nonzero()
-        results[int(frame.index[i])] = Generation(
-            ids=ids.tolist(), step_map=frame.step_map[i, :c_end][r].tolist(), logprobs=frame.logp[i, :c_end][r].tolist(),
-            nfe=int(frame.nfe[i]), n_tokens=int(hit[0]) + 1 if len(hit) else min(len(ids), max_new_tokens),
-            stopped=bool(len(hit)), prompt_len=len(prompts[int(frame.index[i])]), offset=offset)
-    frame.live &= ~done
-    n, n_live = frame.x.shape[0], int(frame.live.sum())
-    if 0 < n_live <= n // 2:
-        keep = frame.live.nonzero()[:, 0]
-        if graphs:                                  # fill up to a bucket with finished rows
-            extra = (~frame.live).nonzero()[:, 0][: row_bucket(n_live, decoder.rows) - n_live]
-            keep = torch.cat([keep, extra]).sort().values
-        decoder.keep_rows(keep)
-        frame = frame.select(keep)
-    return frame
-
-
 def response_text(tokenizer, g: Generation) -> str:
     """The response as text: tokens through the first stop (at most max_new_tokens), special tokens removed."""
     return tokenizer.decode(g.ids[: g.n_tokens], skip_special_tokens=True)
 
 
+def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool = False) -> dict:
+    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation."""
+    return dict(mask_id=tokenizer.mask_token_id, stop_ids=stop_token_ids(model, tokenizer), block_size=block_size,
+                steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
+                temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
+                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
+
+
 # ======================================================================================================
-# 6. Warm start: block-diffusion SFT (SDAR's loss, design.md section 4)
+# 6. Warm start: block-diffusion SFT (SDAR's loss)
 # ======================================================================================================
-# Training sequences use one layout for the warm start and for TraceRL (section 8):
+# Training sequences use one layout for the warm start and for TraceRL (section 7):
 #     [ prompt | clean response | noisy copy of the response's blocks ]
 # with positions repeated for the noisy copy. The noisy copy starts at the first position of the block
 # holding the first response token, so it carries the prompt's tail unmasked, exactly as the sampler's
 # first block does. Under block_attention_mask a noisy block sees the clean blocks before it and itself,
 # which is what the sampler's forward saw: the trainer reproduces the sampler's logits.
+#
+# SDAR's loss (arXiv 2510.06303): per sample t ~ U(0, 1), p = (1 - eps) t + eps; every response token is masked
+# with probability p; the loss is the cross-entropy of the masked tokens divided by p, averaged over response
+# tokens. The tiny model's warm start stands in for SDAR's "AR-initialised small-block model".
 
 
 def diffusion_layout(prompt, response, masked, block_size: int, offset: int, mask_id: int):
@@ -1279,6 +1422,9 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
     answers = [torch.tensor(tokenizer.encode(a) + [tokenizer.eos_token_id], device=device)
                for a in problems["answer"]]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    # lr = peak x min(1, (s+1)/warmup) x (0.1 + 0.9 (1 + cos(pi s/T)) / 2): a linear warm-up times a cosine
+    # to 10%. transformers' get_cosine_with_min_lr_schedule_with_warmup is the same idea, but runs the cosine
+    # only after the warm-up; this product form is kept because the README's tables were made with it.
     warmup = max(1, cfg.warm_start_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.warm_start_steps)))))
@@ -1300,9 +1446,8 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
     return losses
 
 
-
 # ======================================================================================================
-# 7. Trace rounds (TraceRL, design.md section 5)
+# 7. Trace rounds (TraceRL, arXiv 2509.06949)
 # ======================================================================================================
 # The rollout recorded, for every response token, the step at which it was finalized. Training rebuilds
 # the states the sampler actually visited. Inside each block, sort the block's distinct step ids; round r
@@ -1355,7 +1500,7 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
                       shrink: int, mask_id: int) -> TraceBatch:
     """Trace rounds of the chosen samples laid out for training. The layout uses the rollout's own offset,
     so every noisy block sees exactly what the sampler saw when it committed the targets."""
-    ids, pos, noisy, cols, labels, sample, token, rnd, steps, lps, counts = [], [], [], [], [], [], [], [], [], [], []
+    ids, pos, noisy, cols, labels, sample, token, rnds, steps, lps, counts = [], [], [], [], [], [], [], [], [], [], []
     for j in samples:
         g = gens[j]
         response = torch.tensor(g.ids, dtype=torch.long)
@@ -1365,19 +1510,19 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
         ids += list(r_ids)
         pos += list(r_pos)
         noisy += list(r_noisy)
-        r, i = targets.nonzero(as_tuple=True)                                                  # row-major
+        rnd, i = targets.nonzero(as_tuple=True)                                   # (round, token) pairs, row-major
         counts.append(targets.sum(1))
         cols.append(col[i])
         labels.append(response[i])
         sample.append(torch.full_like(i, j))
         token.append(i)
-        rnd.append(r)
+        rnds.append(rnd)
         steps.append(torch.tensor(g.step_map)[i])
         lps.append(torch.tensor(g.logprobs)[i])
     counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
     cat = lambda xs, dtype=torch.long: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
     return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
-                      cat(cols), cat(labels), cat(sample), cat(token), cat(rnd), cat(steps), cat(lps, torch.float))
+                      cat(cols), cat(labels), cat(sample), cat(token), cat(rnds), cat(steps), cat(lps, torch.float))
 
 
 def score_sequences(model, value_head, tb: TraceBatch, seqs: Sequence[int], micro_batch: int, block_size: int,
@@ -1413,7 +1558,7 @@ def score_sequences(model, value_head, tb: TraceBatch, seqs: Sequence[int], micr
 
 
 # ======================================================================================================
-# 8. TraceRL loss, value head and GAE (design.md section 5)
+# 8. TraceRL loss, value head and GAE (TraceRL, arXiv 2509.06949)
 # ======================================================================================================
 # Rewards to advantages. Each prompt has G samples with 0/1 rewards r. Prompts whose samples all agree
 # (reward variance 0) carry no signal and are dropped, as are prompts whose accuracy lies outside
@@ -1479,21 +1624,6 @@ def gae_over_steps(rewards, values, step_map, gamma: float = 1.0, lam: float = 1
     return (adv[0], ret[0]) if one else (adv, ret)
 
 
-def ppo_token_loss(logp, logp_old, adv, clip_eps: float, beta: float):
-    """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,)."""
-    ratio = torch.exp(logp - logp_old)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    d = logp_old - logp
-    kl = torch.exp(d) - 1 - d
-    return -surrogate + beta * kl, ratio, kl
-
-
-def clipped_value_loss(values, values_old, returns, clip_eps: float):
-    """Per-token PPO value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)."""
-    clipped = values_old + (values - values_old).clamp(-clip_eps, clip_eps)
-    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-
-
 def token_advantages(outcome, sample, token, step, values, gamma: float = 1.0, lam: float = 1.0):
     """Per-target advantages and returns of TraceRL (equations above), for the targets of S samples.
 
@@ -1508,6 +1638,21 @@ def token_advantages(outcome, sample, token, step, values, gamma: float = 1.0, l
     reward = torch.where(steps == last, outcome[:, None].float(), 0.0)            # (S, L)
     adv, ret = gae_over_steps(reward, v, steps, gamma, lam)
     return adv[sample, token], ret[sample, token]
+
+
+def ppo_token_loss(logp, logp_old, adv, clip_eps: float, beta: float):
+    """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,)."""
+    ratio = torch.exp(logp - logp_old)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    d = logp_old - logp
+    kl = torch.exp(d) - 1 - d
+    return -surrogate + beta * kl, ratio, kl
+
+
+def clipped_value_loss(values, values_old, returns, clip_eps: float):
+    """Per-token PPO value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)."""
+    clipped = values_old + (values - values_old).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
 def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
@@ -1526,27 +1671,106 @@ def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
     return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv])
 
 
-# ======================================================================================================
-# 9. Curriculum, shifted boundaries and the RL step (T*, design.md section 6)
-# ======================================================================================================
-# T* runs TraceRL at B, then doubles B (4 -> 8 -> 16 -> 32); each stage starts from the previous stage's
-# weights and value head, with a fresh optimizer. Inside a stage a fraction of the RL batches (default
-# half) use shifted block boundaries, offset = B/2, for the rollout and for the training layout alike,
-# so the trajectory stays consistent; the other batches use offset 0. Evaluation always uses offset 0.
-# The shifted batches are spread evenly over the stage: batch k is shifted iff floor((k+1) f) > floor(k f).
-# --direct is the paper's baseline: the same number of stages and steps, all at the final block size.
+def explained_variance(returns, values) -> float:
+    """1 - Var(R - V) / Var(R) over the targets of all processes (0 when the returns do not vary)."""
+    n = dist_sum(len(returns))
+    if n < 2:
+        return 0.0
+    mean = dist_sum(returns.sum().item()) / n
+    var_r = dist_sum(((returns - mean) ** 2).sum().item()) / n
+    err = returns - values
+    err_mean = dist_sum(err.sum().item()) / n
+    var_e = dist_sum(((err - err_mean) ** 2).sum().item()) / n
+    return 1 - var_e / var_r if var_r > 1e-8 else 0.0
 
 
-def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction: float,
-               direct: bool = False) -> list[tuple[int, list[int]]]:
-    """[(B, [offset of each RL step])] per stage."""
-    plan = []
-    for B in block_sizes:
-        B = block_sizes[-1] if direct else B
-        offsets = [B // 2 if math.floor((k + 1) * shift_fraction) > math.floor(k * shift_fraction) else 0
-                   for k in range(steps_per_stage)]
-        plan.append((B, offsets))
-    return plan
+def new_value_head(model) -> torch.nn.Linear:
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+# ======================================================================================================
+# 9. Metrics
+# ======================================================================================================
+# accuracy     mean reward over all samples;  pass@k  P(at least one of k samples right), unbiased
+# TPF          tokens per forward: sum of response tokens / sum of NFE (a ratio of sums over the batch)
+# LocalStrict  over adjacent response-token pairs (i, i+1) inside one block, the fraction decoded in
+#              left-to-right order, s_i <= s_{i+1} (1 = strictly left to right). T* (arXiv 2601.11214)
+#              reports LocalStrict without a formula; this is this file's definition.
+# clipped      the fraction of responses cut by the length limit (they score 0)
+# Every one is a ratio of sums over the samples of all processes (rollout_stats), for RL steps and
+# evaluation alike.
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def tokens_per_forward(n_tokens: Sequence[int], nfes: Sequence[int]) -> float:
+    """TPF = sum of response tokens / sum of denoising forwards."""
+    return sum(n_tokens) / max(1, sum(nfes))
+
+
+def local_strict(step_maps: Sequence[Sequence[int]], prompt_lens: Sequence[int], block_size: int,
+                 offset: int = 0, as_counts: bool = False):
+    """Fraction of adjacent response-token pairs inside one block with s_i <= s_{i+1}; NaN if there are no
+    pairs. With as_counts=True, the (ordered pairs, pairs) behind it, for ratios of sums over processes."""
+    ordered = pairs = 0
+    for steps, P in zip(step_maps, prompt_lens):
+        s = torch.as_tensor(steps)
+        blocks = block_index(P + torch.arange(len(s)), block_size, offset)
+        same = blocks[1:] == blocks[:-1]                                   # (L-1,) pairs inside one block
+        ordered += int(((s[:-1] <= s[1:]) & same).sum())
+        pairs += int(same.sum())
+    if as_counts:
+        return ordered, pairs
+    return ordered / pairs if pairs else float("nan")
+
+
+def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: int = 0) -> dict:
+    """accuracy, TPF, LocalStrict, mean length and NFE, and the fraction of responses cut by the length
+    limit (TRL's clipped_ratio), each a ratio of sums over the samples of all processes."""
+    ordered, pairs = local_strict([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
+                                  block_size, offset, as_counts=True)
+    s = {k: dist_sum(v) for k, v in dict(
+        samples=len(gens), correct=float(torch.as_tensor(rewards).sum()), tokens=sum(g.n_tokens for g in gens),
+        nfe=sum(g.nfe for g in gens), ordered=ordered, pairs=pairs, cut=sum(not g.stopped for g in gens)).items()}
+    n = max(1.0, s["samples"])
+    return dict(accuracy=s["correct"] / n, tpf=s["tokens"] / max(1.0, s["nfe"]),
+                local_strict=s["ordered"] / s["pairs"] if s["pairs"] else float("nan"),
+                length=s["tokens"] / n, nfe=s["nfe"] / n, clipped_ratio=s["cut"] / n)
+
+
+# ======================================================================================================
+# 10. The RL step
+# ======================================================================================================
+# One TraceRL step (rl_step):
+#   1. rollouts: G samples per prompt at temperature 1 from the Sampler, and their rewards (collect_rollouts);
+#   2. the states the sampler visited, as training sequences (trace rounds, section 7);
+#   3. old log-probs and values at the pre-update weights, in the same layout (old_policy_scores); the largest
+#      difference to the log-probs the sampler saw is logged as the trajectory gap;
+#   4. advantages per target token (section 8);
+#   5. PPO: --minibatches optimizer steps on shuffled shares of the sequences (ppo_minibatches).
+# What samples is the Sampler: the policy itself on one process in fp32, else a copy of its whole weights in
+# the compute dtype, refreshed before every rollout and evaluation, so that rollouts run at inference speed
+# in bf16 while training keeps fp32 master weights, and, under FSDP, so that no denoising step has to
+# gather shards.
+
+
+def fuse_rms_norms(model) -> None:
+    """Run every RMSNorm of a model that only samples as torch.rms_norm: one fused CUDA kernel where
+    transformers' module launches eight (to fp32, square, mean, add eps, rsqrt, multiply, to bf16, times the
+    weight). An eager denoising step of SDAR-1.7B launches ~2000 kernels, 900 of them in these norms, and
+    on a GPU the launches, not the arithmetic, set its time. The same function; it rounds to bf16 once,
+    after the weight, where the module rounds before it too."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    for m in model.modules():
+        if isinstance(m, Qwen3RMSNorm):
+            m.forward = lambda x, m=m: torch.rms_norm(x, m.weight.shape, m.weight, m.variance_epsilon)
 
 
 class Sampler:
@@ -1606,19 +1830,6 @@ class Sampler:
         return gens
 
 
-def fuse_rms_norms(model) -> None:
-    """Run every RMSNorm of a model that only samples as torch.rms_norm: one fused CUDA kernel where
-    transformers' module launches eight (to fp32, square, mean, add eps, rsqrt, multiply, to bf16, times the
-    weight). An eager denoising step of SDAR-1.7B launches ~2000 kernels, 900 of them in these norms, and
-    on a GPU the launches, not the arithmetic, set its time. The same function; it rounds to bf16 once,
-    after the weight, where the module rounds before it too."""
-    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
-
-    for m in model.modules():
-        if isinstance(m, Qwen3RMSNorm):
-            m.forward = lambda x, m=m: torch.rms_norm(x, m.weight.shape, m.weight, m.variance_epsilon)
-
-
 @dataclass
 class Rollouts:
     """The samples of one RL step on this process, G per problem."""
@@ -1629,6 +1840,12 @@ class Rollouts:
     offset: int
 
 
+def rewards_of(gens: Sequence[Generation], problems: Sequence[dict], tokenizer, reward_fn) -> torch.Tensor:
+    """(samples,) rewards: reward_fn of each response's text, 0 for a response cut by the length limit."""
+    return torch.tensor([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
+                         for g, p in zip(gens, problems)])
+
+
 def collect_rollouts(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
                      block_size: int, offset: int, generator) -> Rollouts:
     """G samples per problem at the rollout temperature (1.0; dynamic remasking by default), and rewards."""
@@ -1637,73 +1854,34 @@ def collect_rollouts(sampler: Sampler, tokenizer, problems: Sequence[dict], rewa
     sampler.refresh()
     gens = sampler.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
                             **sampler_kwargs(cfg, sampler.model, tokenizer, block_size, rollout=True))
-    rewards = [reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
-               for g, p in zip(gens, (p for p in problems for _ in range(G)))]
-    return Rollouts(prompts, gens, torch.tensor(rewards).view(-1, G), block_size, offset)
+    return Rollouts(prompts, gens, rewards_of(gens, [p for p in problems for _ in range(G)], tokenizer, reward_fn).view(-1, G),
+                    block_size, offset)
 
 
-def rl_step(policy, value_head, opt, sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
-            block_size: int, offset: int, generator) -> dict:
-    """One TraceRL step: rollouts from the sampler, then a PPO update of the policy and the value head.
-    `generator` drives the sampling on the model's device; the shuffle of the update runs on the CPU (on
-    the CPU that is the same generator, continued)."""
-    t0 = time.time()
-    ro = collect_rollouts(sampler, tokenizer, problems, reward_fn, cfg, block_size, offset, generator)
-    shuffle = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
-    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id, shuffle)
-    return {**stats, "seconds": time.time() - t0}
-
-
-def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int, pad_id: int, shuffle) -> dict:
-    """The TraceRL update on a batch of rollouts (steps 2-5 below). Under FSDP each process passes its own
-    rollouts; every mean is taken over all processes, so N processes make the update one process would
-    make on the union of their rollouts (with --minibatches 1; with more, each process splits its own)."""
+@torch.no_grad()
+def old_policy_scores(policy, value_head, tb: TraceBatch, cfg: Config, block_size: int, offset: int, pad_id: int):
+    """log p_old, V_old and the policy's entropy at every target, (M,) each, from one pass at the
+    pre-update weights (micro-batches; under FSDP as many on every process)."""
     dev = next(policy.parameters()).device
-    B, offset, G = ro.block_size, ro.offset, cfg.group_size
-    adv_sample, keep = group_advantages(ro.rewards, cfg.advantage, cfg.band)    # (prompts, G)
-    kept = keep.flatten().nonzero()[:, 0].tolist()
-    stats = rollout_stats(ro.gens, ro.rewards, B, offset)
-    stats["kept"] = dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens)))
-
-    # 2. the states the sampler visited, as training sequences
-    tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id)
-    seqs = list(range(len(tb.ids)))
-    M = len(tb.label)
-    stats.update(traj_gap=0.0, explained_var=0.0, clip_frac=0.0, kl=0.0, value_loss=0.0, policy_loss=0.0,
-                 grad_norm=0.0, entropy=0.0)
-    if dist_sum(M) == 0:                         # no prompt with signal on any process: nothing to learn
-        return stats
-    n_proc = world()[1]
-
-    # 3. old log-probs and values: the pre-update weights, the same layout
-    logp_old, v_old, ent = torch.zeros(M), torch.zeros(M), torch.zeros(M)
+    M, seqs = len(tb.label), list(range(len(tb.ids)))
+    logp_old, v_old, entropy = torch.zeros(M), torch.zeros(M), torch.zeros(M)
     n_chunks = int(dist_max(math.ceil(len(seqs) / cfg.micro_batch)))
-    with torch.no_grad(), autocast(cfg, dev):
-        for tgt, logp, values, entropy in score_sequences(policy, value_head, tb, seqs, cfg.micro_batch, B, offset,
-                                                          pad_id, n_chunks, entropy=True):
-            logp_old[tgt], v_old[tgt], ent[tgt] = logp.float().cpu(), values.float().cpu(), entropy.cpu()
-    stats["traj_gap"] = dist_max((logp_old - tb.sampler_logp).abs().max().item() if M else 0.0)
-    stats["entropy"] = dist_sum(ent.sum().item()) / max(1.0, dist_sum(M))
+    with autocast(cfg, dev):
+        for tgt, logp, values, ent in score_sequences(policy, value_head, tb, seqs, cfg.micro_batch, block_size,
+                                                      offset, pad_id, n_chunks, entropy=True):
+            logp_old[tgt], v_old[tgt], entropy[tgt] = logp.float().cpu(), values.float().cpu(), ent.cpu()
+    return logp_old, v_old, entropy
 
-    # 4. advantages per target token: GAE over each sample's denoising steps (TraceRL) or the sample's
-    #    group advantage on every token (CJ-GRPO)
-    if cfg.advantage == "gae":
-        adv, ret = torch.zeros(M), torch.zeros(M)
-        if M:                                    # (a process can hold no kept sample while others do)
-            row = torch.full((len(ro.gens),), -1, dtype=torch.long)
-            row[kept] = torch.arange(len(kept))
-            adv, ret = token_advantages(adv_sample.flatten()[kept], row[tb.sample], tb.token, tb.step, v_old,
-                                        cfg.gamma, cfg.gae_lambda)
-        stats["explained_var"] = explained_variance(ret, v_old)
-    else:
-        adv, ret = adv_sample.flatten()[tb.sample], None
-    weights = token_weights(tb, cfg.advantage)
 
-    # 5. PPO update: --minibatches optimizer steps, each on a shuffled share of the sequences. The losses are
-    #    divided by global sums (weights, tokens); FSDP averages gradients over the N processes, so each
-    #    loss is also multiplied by N: the gradient is that of the global mean.
+def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, adv, ret, weights, cfg: Config,
+                    block_size: int, offset: int, pad_id: int, shuffle) -> dict:
+    """--minibatches optimizer steps, each on a shuffled share of the training sequences. The losses are
+    divided by global sums (weights, tokens); FSDP averages gradients over the N processes, so each loss
+    is also multiplied by N: the gradient is that of the global mean. Returns the logged statistics."""
+    dev = next(policy.parameters()).device
+    n_proc = world()[1]
     policy.train()
-    order = torch.randperm(len(seqs), generator=shuffle).tolist()
+    order = torch.randperm(len(tb.ids), generator=shuffle).tolist()
     clipped, kls, vlosses, plosses, norms = [], [], [], [], []
     for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches):
         mb = mb.tolist()
@@ -1713,8 +1891,8 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
         n_tok = max(dist_sum(len(tgt_all)), 1)
         n_chunks = int(dist_max(math.ceil(len(mb) / cfg.micro_batch)))
         with autocast(cfg, dev):
-            for tgt, logp, values, _ in score_sequences(policy, value_head, tb, mb, cfg.micro_batch, B, offset,
-                                                        pad_id, n_chunks):
+            for tgt, logp, values, _ in score_sequences(policy, value_head, tb, mb, cfg.micro_batch, block_size,
+                                                        offset, pad_id, n_chunks):
                 per_tok, ratio, kl = ppo_token_loss(logp.float(), logp_old[tgt].to(dev), adv[tgt].to(dev),
                                                     cfg.clip_eps, cfg.beta)
                 loss = (per_tok * weights[tgt].to(dev)).sum() / norm
@@ -1730,7 +1908,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
         opt.step()
         opt.zero_grad(set_to_none=True)          # free the gradients before the next rollouts
     clipped, kls = torch.cat(clipped).float(), torch.cat(kls)
-    stats.update(clip_frac=dist_sum(clipped.sum().item()) / max(1.0, dist_sum(len(clipped))),
+    stats = dict(clip_frac=dist_sum(clipped.sum().item()) / max(1.0, dist_sum(len(clipped))),
                  kl=dist_sum(kls.sum().item()) / max(1.0, dist_sum(len(kls))),
                  policy_loss=dist_sum(sum(plosses)) / cfg.minibatches, grad_norm=float(np.mean(norms)))
     if vlosses:
@@ -1739,138 +1917,229 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     return stats
 
 
-def explained_variance(returns, values) -> float:
-    """1 - Var(R - V) / Var(R) over the targets of all processes (0 when the returns do not vary)."""
-    n = dist_sum(len(returns))
-    if n < 2:
-        return 0.0
-    mean = dist_sum(returns.sum().item()) / n
-    var_r = dist_sum(((returns - mean) ** 2).sum().item()) / n
-    err = returns - values
-    err_mean = dist_sum(err.sum().item()) / n
-    var_e = dist_sum(((err - err_mean) ** 2).sum().item()) / n
-    return 1 - var_e / var_r if var_r > 1e-8 else 0.0
+def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int, pad_id: int, shuffle) -> dict:
+    """The TraceRL update on a batch of rollouts (steps 2-5 of rl_step). Under FSDP each process passes its
+    own rollouts; every mean is taken over all processes, so N processes make the update one process would
+    make on the union of their rollouts (with --minibatches 1; with more, each process splits its own)."""
+    B, offset = ro.block_size, ro.offset
+    # which samples teach something: per group, z-scored rewards (gae) or rewards minus the mean (group)
+    scores, keep = group_advantages(ro.rewards, cfg.advantage, cfg.band)                  # (prompts, G)
+    kept = keep.flatten().nonzero()[:, 0].tolist()
+    stats = rollout_stats(ro.gens, ro.rewards, B, offset)
+    stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))), traj_gap=0.0, explained_var=0.0,
+                 clip_frac=0.0, kl=0.0, value_loss=0.0, policy_loss=0.0, grad_norm=0.0, entropy=0.0)
+
+    # 2. the states the sampler visited, as training sequences
+    tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id)
+    M = len(tb.label)
+    if dist_sum(M) == 0:                         # no prompt with signal on any process: nothing to learn
+        return stats
+
+    # 3. old log-probs and values: the pre-update weights, the same layout
+    logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, cfg, B, offset, pad_id)
+    stats["traj_gap"] = dist_max((logp_old - tb.sampler_logp).abs().max().item() if M else 0.0)
+    stats["entropy"] = dist_sum(entropy.sum().item()) / dist_sum(M)
+
+    # 4. advantages per target token: the outcome spread over each sample's denoising steps by GAE
+    #    (TraceRL), or the sample's own advantage on every token (CJ-GRPO)
+    if cfg.advantage == "gae":
+        adv, ret = torch.zeros(M), torch.zeros(M)
+        if M:                                    # (a process can hold no kept sample while others do)
+            row = torch.full((len(ro.gens),), -1, dtype=torch.long)
+            row[kept] = torch.arange(len(kept))                                           # sample -> 0..S-1
+            outcome = scores.flatten()[kept]                                              # (S,) z-scored rewards
+            adv, ret = token_advantages(outcome, row[tb.sample], tb.token, tb.step, v_old, cfg.gamma, cfg.gae_lambda)
+        stats["explained_var"] = explained_variance(ret, v_old)
+    else:
+        adv, ret = scores.flatten()[tb.sample], None
+    weights = token_weights(tb, cfg.advantage)
+
+    # 5. PPO: --minibatches optimizer steps
+    stats.update(ppo_minibatches(policy, value_head, opt, tb, logp_old, v_old, adv, ret, weights, cfg, B, offset,
+                                 pad_id, shuffle))
+    return stats
+
+
+def rl_step(policy, value_head, opt, sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
+            block_size: int, offset: int, generator) -> dict:
+    """One TraceRL step: rollouts from the sampler, then a PPO update of the policy and the value head.
+    `generator` drives the sampling on the model's device; the shuffle of the update runs on the CPU (on
+    the CPU that is the same generator, continued)."""
+    t0 = time.time()
+    ro = collect_rollouts(sampler, tokenizer, problems, reward_fn, cfg, block_size, offset, generator)
+    shuffle = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
+    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id, shuffle)
+    return {**stats, "seconds": time.time() - t0}
 
 
 # ======================================================================================================
-# 10. Metrics and evaluation
+# 11. The T* curriculum (T*, arXiv 2601.11214)
 # ======================================================================================================
-# accuracy   mean reward over all samples;  pass@k   P(at least one of k samples right), unbiased
-# TPF        sum of response tokens / sum of NFE (a ratio of sums over the batch)
-# LocalStrict  over adjacent response-token pairs (i, i+1) inside one block, the fraction decoded in
-#            left-to-right order, s_i <= s_{i+1} (1 = strictly left to right; design.md section 6)
+# T* runs TraceRL at B, then doubles B (4 -> 8 -> 16 -> 32); each stage starts from the previous stage's
+# weights and value head, with a fresh optimizer. Inside a stage a fraction of the RL batches (default
+# half) use shifted block boundaries, offset = B/2, for the rollout and for the training layout alike,
+# so the trajectory stays consistent; the other batches use offset 0. Evaluation always uses offset 0.
+# The shifted batches are spread evenly over the stage: batch k is shifted iff floor((k+1) f) > floor(k f).
+# --direct is the paper's baseline: the same number of stages and steps, all at the final block size.
+#
+# train() is the whole method: an evaluation of the start model, then per stage --steps-per-stage RL steps at
+# the stage's block size and planned offsets, an evaluation at every evaluation block size, and a checkpoint.
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction: float,
+               direct: bool = False) -> list[tuple[int, list[int]]]:
+    """[(B, [offset of each RL step])] per stage."""
+    plan = []
+    for B in block_sizes:
+        B = block_sizes[-1] if direct else B
+        offsets = [B // 2 if math.floor((k + 1) * shift_fraction) > math.floor(k * shift_fraction) else 0
+                   for k in range(steps_per_stage)]
+        plan.append((B, offsets))
+    return plan
 
 
-def tokens_per_forward(n_tokens: Sequence[int], nfes: Sequence[int]) -> float:
-    """TPF = sum of response tokens / sum of denoising forwards."""
-    return sum(n_tokens) / max(1, sum(nfes))
-
-
-def local_strict(step_maps: Sequence[Sequence[int]], prompt_lens: Sequence[int], block_size: int,
-                 offset: int = 0) -> float:
-    """Fraction of adjacent response-token pairs inside one block with s_i <= s_{i+1}; NaN if none."""
-    ordered, pairs = local_strict_counts(step_maps, prompt_lens, block_size, offset)
-    return ordered / pairs if pairs else float("nan")
-
-
-def local_strict_counts(step_maps, prompt_lens, block_size: int, offset: int = 0) -> tuple[int, int]:
-    """(ordered pairs, pairs) behind local_strict, for sums over batches and processes."""
-    ordered = pairs = 0
-    for steps, P in zip(step_maps, prompt_lens):
-        s = torch.as_tensor(steps)
-        blocks = block_index(P + torch.arange(len(s)), block_size, offset)
-        same = blocks[1:] == blocks[:-1]
-        ordered += int(((s[:-1] <= s[1:]) & same).sum())
-        pairs += int(same.sum())
-    return ordered, pairs
-
-
-def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: int = 0) -> dict:
-    """accuracy, TPF, LocalStrict, mean length and NFE, and the fraction of responses cut by the length
-    limit (TRL's clipped_ratio), each a ratio of sums over the samples of all processes."""
-    ordered, pairs = local_strict_counts([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
-                                         block_size, offset)
-    s = {k: dist_sum(v) for k, v in dict(
-        samples=len(gens), correct=float(torch.as_tensor(rewards).sum()), tokens=sum(g.n_tokens for g in gens),
-        nfe=sum(g.nfe for g in gens), ordered=ordered, pairs=pairs, cut=sum(not g.stopped for g in gens)).items()}
-    n = max(1.0, s["samples"])
-    return dict(accuracy=s["correct"] / n, tpf=s["tokens"] / max(1.0, s["nfe"]),
-                local_strict=s["ordered"] / s["pairs"] if s["pairs"] else float("nan"),
-                length=s["tokens"] / n, nfe=s["nfe"] / n, clipped_ratio=s["cut"] / n)
+def train(cfg: Config, model, value_head, sampler: Sampler, tokenizer, train_problems, eval_sets, reward_fn,
+          out: Path, device, done: int, log: MetricsLog) -> None:
+    """The T* loop: stages of TraceRL at growing block sizes, evaluation and a checkpoint after each;
+    `done` stages were finished by an earlier run (--resume)."""
+    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
+    if done == 0:
+        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
+    rank, size = world()
+    for k in range(done, len(plan)):
+        B, offsets = plan[k]
+        stage = k + 1
+        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
+                                 {"params": value_head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
+        for step, offset in enumerate(offsets):
+            rng = random.Random(f"{cfg.seed}-{k}-{step}")                       # same on every process
+            problems = rng.sample(train_problems, cfg.prompts_per_step)[rank::size]
+            generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k * 10_007 + step * 101 + rank)
+            stats = rl_step(model, value_head, opt, sampler, tokenizer, problems, reward_fn, cfg, B, offset, generator)
+            rec = dict(kind="train", stage=stage, block_size=B, offset=offset, stage_step=step,
+                     step=k * cfg.steps_per_stage + step + 1, **stats)
+            log.write(rec)
+            if is_main():
+                print(f"stage {stage} B={B:<2d} off={offset:<2d} step {rec['step']:4d} | acc {rec['accuracy']:.3f} "
+                      f"kept {rec['kept']:.2f} cut {rec['clipped_ratio']:.2f} TPF {rec['tpf']:.2f} LS {rec['local_strict']:.3f} "
+                      f"len {rec['length']:.1f} | loss {rec['policy_loss']:+.3f} ent {rec['entropy']:.2f} clip {rec['clip_frac']:.3f} "
+                      f"kl {rec['kl']:.1e} gnorm {rec['grad_norm']:.2f} vloss {rec['value_loss']:.3f} "
+                      f"ev {rec['explained_var']:+.2f} gap {rec['traj_gap']:.1e} | {rec['seconds']:.1f}s", flush=True)
+        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
+                       stage * cfg.steps_per_stage)
+        digests = check_in_sync(sampler.model, value_head)
+        save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
+                        info=dict(task=cfg.train_dataset, stage=stage, block_size=B, plan=plan,
+                                  config=dataclasses.asdict(cfg), weights_sha256_per_process=digests))
+        barrier()
+    if is_main():
+        table = results_table(log.records, cfg)
+        (out / "results.md").write_text(table + "\n")
+        plot_curves(log.records, out / "curves.png")
+        print("\n" + table + f"\n\nwrote {out / 'metrics.jsonl'}, {out / 'results.md'}, {out / 'curves.png'}")
 
 
 # ======================================================================================================
-# 11. main: presets, data, logging, checkpoints, the T* loop
+# 12. Evaluation
 # ======================================================================================================
-
-# The paper's setting, switched on when --model is a checkpoint (TraceRL arXiv 2509.06949 and T* arXiv
-# 2601.11214). Every value can still be overridden on the command line.
-SDAR_PRESET = dict(
-    out_dir="runs/sdar", train_dataset="math", eval_datasets="math500", block_sizes="4,8,16,32",
-    steps_per_stage=100, prompts_per_step=64, group_size=16, rollout_temperature=1.0, temperature=1.0,
-    remasking="dynamic", threshold=0.9, max_new_tokens=2000, lr=1e-6, value_lr=1e-4, grad_clip=1.0,
-    acc_band="0.2,0.8", eval_samples=3, micro_batch=4, grad_checkpointing=True,
-)
-def finalize_config(cfg: Config, given: set[str]) -> Config:
-    """Apply the preset for checkpoints, parse the lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and
-    check every setting: one clear error for the first bad one, before any work starts."""
-    if not is_toy_model(cfg.model):
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
-    sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
-    if any(b < 1 for b in sizes):
-        raise UsageError(f"block sizes must be >= 1, got {cfg.block_sizes}")
-    if any(b2 <= b1 for b1, b2 in zip(sizes, sizes[1:])):
-        raise UsageError(f"--block-sizes must be increasing, got {cfg.block_sizes}")
-    eval_sizes = parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
-    if any(b < 1 for b in eval_sizes):
-        raise UsageError(f"block sizes must be >= 1, got {cfg.eval_block_sizes}")
-    cfg = dataclasses.replace(cfg, curriculum=tuple(sizes), eval_sizes=tuple(eval_sizes), band=parse_band(cfg.acc_band))
-    at_least = lambda name, low: (getattr(cfg, name) >= low, f"--{name.replace('_', '-')} must be >= {low}, "  # noqa: E731
-                                                             f"got {getattr(cfg, name)}")
-    positive = lambda name: (getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, "              # noqa: E731
-                                                     f"got {getattr(cfg, name)}")
-    checks = [
-        (0.0 <= cfg.shift_fraction <= 1.0, f"--shift-fraction must be in [0, 1], got {cfg.shift_fraction}"),
-        (cfg.steps_per_block is None or cfg.steps_per_block >= 1,
-         f"--steps-per-block must be positive, got {cfg.steps_per_block}"),
-        (0.0 <= cfg.threshold <= 1.0, f"--threshold must be in [0, 1], got {cfg.threshold}"),
-        at_least("micro_batch", 1), at_least("minibatches", 1), at_least("prompts_per_step", 1),
-        at_least("steps_per_stage", 1), at_least("max_new_tokens", 1), at_least("eval_samples", 1),
-        at_least("shrink", 1), at_least("train_size", 1), at_least("test_size", 1), at_least("warm_start_steps", 1),
-        at_least("warm_start_batch", 1), at_least("eval_limit", 0), at_least("top_k", 0), at_least("block_size", 1),
-        (cfg.rollout_batch is None or cfg.rollout_batch >= 1, f"--rollout-batch must be >= 1, got {cfg.rollout_batch}"),
-        (cfg.eval_batch is None or cfg.eval_batch >= 1, f"--eval-batch must be >= 1, got {cfg.eval_batch}"),
-        (cfg.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples), got {cfg.group_size}"),
-        positive("lr"), positive("value_lr"), positive("warm_start_lr"), positive("clip_eps"), positive("grad_clip"),
-        (cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}"),
-        (0.0 <= cfg.gamma <= 1.0 and 0.0 <= cfg.gae_lambda <= 1.0,
-         f"--gamma and --gae-lambda must be in [0, 1], got {cfg.gamma} and {cfg.gae_lambda}"),
-        (cfg.temperature >= 0 and cfg.rollout_temperature >= 0, "temperatures must be >= 0"),
-        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
-        (0 < cfg.eoser_gamma_min <= 1 and 0 < cfg.eoser_gamma_max <= 1,
-         f"EOSER gammas must be in (0, 1], got {cfg.eoser_gamma_min} and {cfg.eoser_gamma_max}"),
-        (cfg.eoser_gamma_min <= cfg.eoser_gamma_max,
-         f"--eoser-gamma-min {cfg.eoser_gamma_min} is larger than --eoser-gamma-max {cfg.eoser_gamma_max}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-    return cfg
+# Evaluation decodes every problem of each evaluation set --eval-samples times at offset 0 and reports the
+# metrics of section 9 per block size, summed over processes (each takes every N-th problem). After each stage
+# the decoding order of a few samples at the stage's block size is drawn (the paper's Figure 4).
 
 
-def parse_band(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"--acc-band must be two numbers low,high; got {text!r}") from None
-    if not 0 <= low <= high <= 1:
-        raise UsageError(f"--acc-band must satisfy 0 <= low <= high <= 1, got {text!r}")
-    return low, high
+@torch.no_grad()
+def evaluate(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int,
+             seed: int = 0):
+    """Metrics of one evaluation set at one block size (offset 0), over all processes. Returns the
+    metrics dict and this process's generations (for pictures of the decoding order)."""
+    rank, size = world()
+    mine = list(problems)[rank::size]                                     # every N-th problem per process
+    n = cfg.eval_samples
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in mine for _ in range(n)]
+    # the same seed for every stage's evaluation of a block size: stages differ by their weights only
+    generator = torch.Generator(next(sampler.model.parameters()).device).manual_seed(seed * 1000 + rank)
+    t0 = time.time()
+    gens = sampler.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
+                            generator=generator, **sampler_kwargs(cfg, sampler.model, tokenizer, block_size))
+    seconds = dist_sum(time.time() - t0) / size                           # the processes ran side by side
+    rewards = rewards_of(gens, [p for p in mine for _ in range(n)], tokenizer, reward_fn).numpy().reshape(-1, n)
+    metrics = rollout_stats(gens, rewards, block_size)
+    n_problems = dist_sum(len(mine))
+    metrics.update({f"pass@{n}": dist_sum(sum(pass_at_k(n, int(c), n) for c in rewards.sum(1))) / max(1, n_problems),
+                    "tokens_per_s": metrics["length"] * dist_sum(len(gens)) / max(1e-9, seconds),
+                    "problems": int(n_problems)})
+    return dict(block_size=block_size, **metrics), gens
+
+
+def evaluate_stage(sampler: Sampler, tokenizer, eval_sets, reward_fn, cfg: Config, out: Path, log: MetricsLog,
+                   stage: int, label: str, stage_block_size: int, step: int) -> None:
+    """Evaluate at every evaluation block size, log it, and draw the decoding order at the stage's B."""
+    sampler.refresh()                             # (the rollout copy: the weights this stage ended with)
+    for name, problems in eval_sets.items():
+        for B in cfg.eval_sizes:
+            metrics, gens = evaluate(sampler, tokenizer, problems, reward_fn, cfg, B, seed=cfg.seed + stage)
+            log.write(dict(kind="eval", stage=stage, label=label, dataset=name, stage_block_size=stage_block_size,
+                           step=step, **metrics))
+            if is_main():
+                print(f"  eval {label:>10} {name} B={B:<3d} acc {metrics['accuracy']:.3f}  "
+                      f"pass@{cfg.eval_samples} {metrics[f'pass@{cfg.eval_samples}']:.3f}  TPF {metrics['tpf']:.2f}  "
+                      f"LocalStrict {metrics['local_strict']:.3f}  len {metrics['length']:.1f}  "
+                      f"cut {metrics['clipped_ratio']:.2f}  {metrics['tokens_per_s']:.0f} tok/s")
+                if (B == stage_block_size or cfg.eval_only) and gens:     # eval-only: a picture per B
+                    plot_trajectories(gens[:8], B, out / f"trajectory-{stage}-{label}-B{B}.png",
+                                      f"{label}: decoding order at B={B} ({name})")
+                    if cfg.show_trajectory:
+                        for g in gens[:2]:
+                            print(render_trajectory(tokenizer, g, B) + "\n")
+
+
+def results_table(records: Sequence[dict], cfg: Config) -> str:
+    """Rows: warm start (or the start model), then each stage; columns: accuracy and TPF at each
+    evaluation block size, and LocalStrict at each."""
+    sizes = cfg.eval_sizes
+    rows = {}                                     # (stage, dataset) -> one row of the table
+    for r in records:
+        if r["kind"] == "eval":                   # one record per (stage, dataset, block size)
+            row = rows.setdefault((r["stage"], r["dataset"]), {"model": r["label"], "dataset": r["dataset"]})
+            for key in ("accuracy", "tpf", "local_strict"):
+                row[f"{key}@{r['block_size']}"] = r[key]
+    columns = [("model", "model"), ("dataset", "data")]
+    columns += [(f"accuracy@{B}", f"acc B={B}") for B in sizes] + [(f"tpf@{B}", f"TPF B={B}") for B in sizes]
+    columns += [(f"local_strict@{B}", f"LS B={B}") for B in sizes]
+    return format_table([rows[k] for k in sorted(rows)], columns)
+
+
+def evaluate_only(cfg: Config, sampler: Sampler, tokenizer, eval_sets, reward_fn, out: Path) -> None:
+    """--eval-only: the metrics of --model at every evaluation block size, as a table and eval.json."""
+    log = MetricsLog(out / "eval.jsonl")
+    evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
+    if is_main():
+        columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
+                   (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"), ("nfe", "NFE"),
+                   ("local_strict", "LocalStrict"), ("length", "mean length"), ("clipped_ratio", "cut"),
+                   ("tokens_per_s", "tokens/s")]
+        table = format_table(log.records, columns)
+        (out / "eval.json").write_text(json_text(log.records, indent=1))
+        print("\n" + table + f"\n\nwrote {out / 'eval.json'}")
+
+
+# ######################################################################################################
+# Plumbing. Everything below runs the method rather than being it: devices and processes, memory, the out
+# dir and its checkpoints, logs and plots, and the entry point. Read on only to change how tstar runs.
+# ######################################################################################################
+
+
+# ======================================================================================================
+# 13. Devices and processes
+# ======================================================================================================
+# One process (the CPU, or one GPU) or torchrun. Under torchrun every process samples its share of the prompts
+# from a whole copy of the weights (Sampler) and trains its share of the sequences on the policy sharded by
+# PyTorch's FSDP2 (fully_shard): each decoder layer, the trunk (embedding, final norm) and the LM head are units
+# whose fp32 weights, gradients and AdamW state are split over the processes and gathered per unit for each
+# forward; gradients are reduce-scattered. The value head is a unit of its own. Every process must run the
+# same number of forwards (score_sequences pads with empty micro-batches). Metrics are summed over processes
+# (dist_sum); only rank 0 prints, logs and saves. On CUDA, deterministic algorithms (and cuBLAS's workspace
+# setting, made at import) make --resume reproduce an uninterrupted run.
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1881,45 +2150,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, cfg.dtype)
+def setup_device(cfg: Config) -> torch.device:
+    """The device, and under torchrun the process group (NCCL on CUDA, gloo on the CPU): one GPU per
+    process. On CUDA, deterministic algorithms (and the cuBLAS workspace setting, made at import), so that
+    --resume reproduces an uninterrupted run."""
+    import torch.distributed as dist
 
-
-def autocast(cfg: Config, device: torch.device):
-    """Forward passes run in the compute dtype; weights stay in float32 when training (master weights:
-    an update of lr 1e-6 is below bfloat16's resolution for most weights and would be lost)."""
-    dtype = compute_dtype(cfg, device)
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool = False) -> dict:
-    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation."""
-    return dict(mask_id=tokenizer.mask_token_id, stop_ids=stop_token_ids(model, tokenizer), block_size=block_size,
-                steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
-                temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
-                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
-
-
-def encode_prompt(tokenizer, question: str) -> list[int]:
-    """Checkpoints with a chat template get it (one user turn, generation prompt); the tiny model's
-    character tokenizer reads the question as it is."""
-    if getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
-    return tokenizer.encode(question)
-
-
-# --- distributed (torchrun) -----------------------------------------------------------------------------
-# Under torchrun every process samples its share of the prompts from a full copy of the weights (Sampler)
-# and trains its share of the sequences on the policy sharded by FSDP2 (fully_shard): each decoder layer,
-# the trunk (embedding, final norm) and the LM head are units whose fp32 weights, gradients and AdamW state
-# are split over the processes and gathered per unit for each forward; gradients are reduce-scattered.
-# The value head is a unit of its own. Every process must run the same number of forwards (score_sequences
-# pads with empty micro-batches). Metrics are summed over processes; only rank 0 prints, logs and saves.
+    device = resolve_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():   # started by torchrun
+        if device.type == "cuda":                 # one GPU per process: LOCAL_RANK picks it
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+            if per_node > gpus:
+                raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU(s): "
+                                 f"use --nproc_per_node {gpus} (or --device cpu)")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return device
 
 
 def is_main() -> bool:
@@ -1973,8 +2222,8 @@ def shard(model, value_head, device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (world()[1],))
-    for layer in model.model.layers:
+    mesh = init_device_mesh(device.type, (world()[1],))      # one flat group: every process holds 1/N
+    for layer in model.model.layers:              # a layer's weights are gathered just before its forward
         fully_shard(layer, mesh=mesh)
     for unit in (model.model, model.lm_head, value_head):    # called directly (hidden_states, forward_targets)
         fully_shard(unit, mesh=mesh)
@@ -1983,7 +2232,7 @@ def shard(model, value_head, device) -> None:
 def full_state_dict(module) -> dict:
     """The module's whole weights as CPU tensors on rank 0 ({} elsewhere); every process takes part."""
     out = {}
-    for k, v in module.state_dict().items():
+    for k, v in module.state_dict().items():      # one tensor at a time: no process holds two whole copies
         v = full_tensor(v)
         if is_main():
             out[k] = v.detach().cpu()
@@ -2011,7 +2260,15 @@ def check_in_sync(*modules) -> list[str]:
     return digests
 
 
-# --- memory and the rollout batch -----------------------------------------------------------------------
+# ======================================================================================================
+# 14. Memory and the rollout batch
+# ======================================================================================================
+# What a GPU holds, per process: the fp32 weights and AdamW's two moments (12 bytes per parameter, / N under
+# FSDP) always; the gradients (4 bytes / N) and activations while training; the rollout copy (2 bytes per
+# parameter in bf16, whole) and the KV cache of the rollout batch while sampling. The gradients are freed
+# before each rollout, so the two peaks do not add up. The rollout batch is chosen from the free memory at
+# start (memory_plan) unless --rollout-batch sets it, and a batch that cannot fit is an error at start, not an
+# out-of-memory error an hour later.
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -2070,62 +2327,36 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
     return rows, line
 
 
-# --- data -----------------------------------------------------------------------------------------------
-
-
-def load_task(cfg: Config):
-    """(train problems, {name: evaluation problems}, reward function); problems are dicts question/answer.
-    The toy is graded by its rules, everything else as math (grade)."""
-    def problems(name: str, split: str, limit: int = 0) -> list[dict]:
-        if name != "toy":
-            return load_problems(name, limit)
-        rows = [{**p, "task": "toy"} for p in toy_splits(cfg.train_size, cfg.test_size, cfg.seed)[split]]
-        return rows[:limit] if limit else rows
-
-    def reward(response: str, problem: dict) -> float:
-        if problem["task"] == "toy":
-            return toy_reward(response, problem["question"])
-        return grade(response, problem["answer"])
-
-    names = [n.strip() for n in cfg.eval_datasets.split(",") if n.strip()]
-    if not names:
-        raise UsageError("--eval-datasets is empty")
-    evals = {Path(n).stem if Path(n).suffix else n: problems(n, "test", cfg.eval_limit) for n in names}
-    needs_train = not cfg.eval_only or is_architecture_file(cfg.model)          # training, or the warm start
-    train = problems(cfg.train_dataset, "train") if needs_train else []
-    return train, evals, reward
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------
+# ======================================================================================================
+# 15. Checkpoints
+# ======================================================================================================
+# A checkpoint is a save_pretrained directory of the whole fp32 weights (FSDP shards are gathered first) plus
+# the tokenizer, value_head.safetensors, and tstar.json, which says what it is: the task, the stage, the
+# curriculum and the whole config (--resume compares it with the current one). It is written into a hidden
+# temporary directory and renamed into place, so a stage directory is whole or absent. The tiny model's warm
+# start is saved the same way and reused when its settings match.
 
 
 def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | None = None) -> None:
     """save_pretrained of the model's whole fp32 weights and the tokenizer, plus the value head and a JSON
     of what this is, written by rank 0 into a temporary directory that is renamed into place at the end:
-    `path` either holds a whole checkpoint or does not exist. Every process must call it (FSDP gathers)."""
+    `path` either holds a whole checkpoint or does not exist. A sharded model must be saved by every process
+    (FSDP gathers the shards); the callers synchronise after it."""
     from safetensors.torch import save_file
 
     weights, head = full_state_dict(model), full_state_dict(value_head) if value_head is not None else {}
     if is_main():
         import shutil
-        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"       # hidden: no stage*-B* glob finds it
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=weights)
+        model.save_pretrained(tmp, state_dict=weights)             # (the whole weights, loadable by transformers)
         tokenizer.save_pretrained(tmp)
         if head:
             save_file({k: v.contiguous() for k, v in head.items()}, str(tmp / "value_head.safetensors"))
         (tmp / "tstar.json").write_text(json_text(info or {}, indent=1))
-        if path.exists():
+        if path.exists():                                          # (a stage being redone after --resume)
             shutil.rmtree(path)
-        tmp.rename(path)
-    barrier()
-
-
-def new_value_head(model) -> torch.nn.Linear:
-    head = torch.nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    return head
+        tmp.rename(path)                                           # the one step that makes it visible
 
 
 def load_value_head(model, path: Path) -> torch.nn.Linear:
@@ -2141,12 +2372,13 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
     """The tiny model after its warm start: reused from out/warmstart when it was made with the same
     settings, trained (and saved) otherwise."""
     path = out / "warmstart"
+    # everything that shapes the warm start: equal settings mean the saved one can be reused as it is
     settings = dict(config=json.loads(Path(cfg.model).read_text()), seed=cfg.seed, steps=cfg.warm_start_steps,
                     batch=cfg.warm_start_batch, lr=cfg.warm_start_lr, block_size=cfg.block_size,
                     train_size=cfg.train_size, test_size=cfg.test_size)
     info_file = path / "tstar.json"
     if not (info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings):
-        if is_main():
+        if is_main():                             # one process trains it; the others wait, then all load it
             t0 = time.time()
             losses = warm_start(model, tokenizer, {k: [p[k] for p in train] for k in ("question", "answer")},
                                 cfg, device)
@@ -2161,43 +2393,157 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
     return load_model_and_tokenizer(str(path), device, torch.float32)[0]
 
 
-# --- evaluation over datasets and block sizes -----------------------------------------------------------
+def stage_dir(out: Path, stage: int, block_size: int) -> Path:
+    return out / f"stage{stage}-B{block_size}"
 
 
-@torch.no_grad()
-def evaluate(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int,
-             seed: int = 0):
-    """Metrics of one evaluation set at one block size (offset 0), over all processes. Returns the
-    metrics dict and this process's generations (for pictures of the decoding order)."""
-    rank, size = world()
-    mine = list(problems)[rank::size]
-    n = cfg.eval_samples
-    prompts = [encode_prompt(tokenizer, p["question"]) for p in mine for _ in range(n)]
-    generator = torch.Generator(next(sampler.model.parameters()).device).manual_seed(seed * 1000 + rank)
-    t0 = time.time()
-    gens = sampler.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
-                            generator=generator, **sampler_kwargs(cfg, sampler.model, tokenizer, block_size))
-    seconds = dist_sum(time.time() - t0) / size
-    rewards = np.array([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
-                        for g, p in zip(gens, (p for p in mine for _ in range(n)))]).reshape(-1, n)
-    metrics = rollout_stats(gens, rewards, block_size)
-    n_problems = dist_sum(len(mine))
-    metrics.update({f"pass@{n}": dist_sum(sum(pass_at_k(n, int(c), n) for c in rewards.sum(1))) / max(1, n_problems),
-                    "tokens_per_s": metrics["length"] * dist_sum(len(gens)) / max(1e-9, seconds),
-                    "problems": int(n_problems)})
-    return dict(block_size=block_size, **metrics), gens
+# ======================================================================================================
+# 16. The out dir: one run at a time, never two runs' files
+# ======================================================================================================
+# A run holds out/tstar.lock (its pid and host) while it lasts; a second run into the same out dir stops with
+# one line, and a lock left by a killed run on this host is taken over. A fresh training run refuses an out dir
+# that holds stage checkpoints (they would be taken for its own); --resume takes the last finished stage only
+# if it was trained with the same settings (RESUME_MAY_DIFFER lists those that may change).
+
+
+RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch", "compile", "micro_batch",
+                     "grad_checkpointing", "show_trajectory")     # settings that do not change what is trained
+
+
+def prepare_out_dir(cfg: Config) -> Path:
+    """--out-dir, created if need be; one line of error if it is a file or cannot be made."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out-dir {out}: {e.strerror}") from None
+    return out
+
+
+def process_alive(pid) -> bool:
+    """Whether a process with this pid exists on this machine (signal 0 checks without signalling)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True                                 # someone else's process, or an unreadable pid: assume alive
+    return True
+
+
+@contextlib.contextmanager
+def out_dir_lock(out: Path):
+    """Hold out/tstar.lock (this run's pid and host) while the run lasts: a second run into the same out dir
+    stops with one line instead of interleaving its files with this one's. A lock whose process no longer
+    exists on this host (a killed run) is taken over with a note."""
+    import socket
+
+    if not is_main():                             # (only rank 0 writes files, so only it needs the lock)
+        yield
+        return
+    lock = out / "tstar.lock"
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for attempt in range(2):                      # the second attempt follows the removal of a dead run's lock
+        try:                                      # O_EXCL: creating the file is the test, atomically
+            with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(json.dumps(me))
+            break
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            # a pid can be checked on this host only; a lock from elsewhere is respected until deleted
+            if attempt == 0 and holder.get("host") == me["host"] and not process_alive(holder.get("pid")):
+                print(f"note: taking over {lock}, left by process {holder.get('pid')}, which no longer runs")
+                lock.unlink(missing_ok=True)
+                continue
+            raise UsageError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
+                             f"since {holder.get('started')}); wait for it, or choose another --out-dir "
+                             f"(if that run is gone, delete {lock})") from None
+    try:
+        yield
+    finally:                                      # also on an error or an interrupt
+        lock.unlink(missing_ok=True)
+
+
+def stages_done(cfg: Config, out: Path) -> int:
+    """How many stages an earlier run in `out` finished, for --resume (0 for a fresh run). A fresh training
+    run refuses an out dir that holds stage checkpoints (they would be taken for its own); --resume takes
+    the last finished stage only if it was trained with the same settings."""
+    # a stage is finished when its tstar.json exists: save_checkpoint writes it into the directory last
+    finished = sorted((p.parent for p in out.glob("stage*-B*/tstar.json")), key=lambda p: int(p.name[5:].split("-")[0]))
+    if cfg.eval_only:                             # (evaluation writes no checkpoints; any dir will do)
+        return 0
+    if not cfg.resume:                           # a fresh run: nothing of an earlier run may be mistaken for its own
+        if finished:
+            raise UsageError(f"{out} holds the checkpoints of an earlier run ({', '.join(p.name for p in finished)}): "
+                             f"continue it with --resume, or choose another --out-dir")
+        return 0
+    if not finished:
+        raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
+    done = int(finished[-1].name[5:].split("-")[0])
+    saved = json.loads((finished[-1] / "tstar.json").read_text()).get("config", {})
+    now = json.loads(json_text(dataclasses.asdict(cfg)))            # (as saved: tuples become lists)
+    # every setting that shapes training must be the one the stage was trained with
+    differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
+    # (and the stage must exist in this curriculum, under the name this curriculum gives it)
+    if differ or done > len(plan) or finished[-1] != stage_dir(out, done, plan[done - 1][0]):
+        changes = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in differ[:3])
+        raise UsageError(f"--resume: stage {done} in {out} was trained with other settings ({changes or 'curriculum'}); "
+                         f"resume with the same flags, or choose another --out-dir")
+    return done
+
+
+# ======================================================================================================
+# 17. Logs, tables and plots
+# ======================================================================================================
+# metrics.jsonl gets one strict-JSON line per RL step and per evaluation (null where a metric is undefined),
+# appended as it is written; results.md the table of accuracy, TPF and LocalStrict per stage and block size;
+# curves.png the rollout accuracy and TPF per step; trajectory-*.png the decoding order of a few samples.
+
+
+def json_text(obj, **kwargs) -> str:
+    """Strict JSON: NaN and infinities (e.g. LocalStrict of a batch without pairs) become null."""
+    def clean(x):                                 # (json.dumps would write a bare NaN, which strict readers reject)
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(clean(obj), allow_nan=False, **kwargs)    # allow_nan=False: a NaN that slipped through raises
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per RL step and per evaluation, flushed as it is written by the one
+    run that holds the out dir's lock."""
+
+    def __init__(self, path: Path, keep_stages_below: int | None = None):
+        self.path = path
+        self.records = []                         # every record of this run (for the table and the plots)
+        if keep_stages_below is not None and path.is_file():   # a resumed run drops an unfinished stage's lines
+            self.records = [r for r in map(json.loads, path.read_text().splitlines())
+                            if r["stage"] < keep_stages_below]
+        if is_main():                             # a fresh run starts the file anew
+            path.write_text("".join(json_text(r) + "\n" for r in self.records))
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if is_main():                             # appended line by line: an interrupted run keeps its lines
+            with self.path.open("a") as f:
+                f.write(json_text(record) + "\n")
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table: columns are (key, header)."""
+    """A markdown table: columns are (key, header); floats with 3 decimals, "-" for an undefined metric."""
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]   # header, rule
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-# --- pictures of the decoding order (the paper's Figure 4) ------------------------------------------------
 
 
 def render_trajectory(tokenizer, g: Generation, block_size: int) -> str:
@@ -2207,8 +2553,9 @@ def render_trajectory(tokenizer, g: Generation, block_size: int) -> str:
     blocks = block_index(g.prompt_len + torch.arange(len(steps)), block_size, g.offset)
     lines = []
     for b in blocks.unique().tolist():
-        sel = (blocks == b).nonzero()[:, 0]
-        order = torch.unique(steps[sel], return_inverse=True)[1] + 1
+        sel = (blocks == b).nonzero()[:, 0]                       # the block's tokens
+        order = torch.unique(steps[sel], return_inverse=True)[1] + 1   # its steps renumbered 1, 2, ...
+        # (token, order) per position; repr shows a newline or a space as something visible
         cells = [(repr(tokenizer.decode([g.ids[i]]))[1:-1] or " ", str(int(o))) for i, o in zip(sel.tolist(), order)]
         width = [max(len(t), len(o)) for t, o in cells]
         lines.append(" ".join(t.ljust(w) for (t, _), w in zip(cells, width)) + "\n" +
@@ -2225,14 +2572,15 @@ def plot_trajectories(gens: Sequence[Generation], block_size: int, path: Path, t
     import matplotlib.pyplot as plt
 
     width = max(g.n_tokens for g in gens)
-    grid = np.full((len(gens), width), np.nan)
+    grid = np.full((len(gens), width), np.nan)                    # (samples, tokens); NaN (blank) past the end
     fig, ax = plt.subplots(figsize=(min(16, 2 + width / 6), 1 + 0.35 * len(gens)))
     for r, g in enumerate(gens):
         grid[r, : g.n_tokens] = np.array(g.step_map[: g.n_tokens]) / g.nfe
-        starts = [i for i in range(1, g.n_tokens)
+        starts = [i for i in range(1, g.n_tokens)                 # the first token of each later block
                   if block_index(g.prompt_len + i, block_size, g.offset) != block_index(g.prompt_len + i - 1, block_size, g.offset)]
         for i in starts:
             ax.plot([i - 0.5, i - 0.5], [r - 0.5, r + 0.5], color="white", lw=1.5)
+    # early steps dark, late steps bright: left-to-right decoding is a ramp, parallel decoding flat runs
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("response token")
     ax.set_ylabel("sample")
@@ -2250,12 +2598,13 @@ def plot_curves(records: Sequence[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     train = [r for r in records if r["kind"] == "train"]
+    # the evaluation at the stage's own block size: the number a stage is trained to raise
     evals = [r for r in records if r["kind"] == "eval" and r["block_size"] == r["stage_block_size"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))         # accuracy on the left, TPF on the right
     for ax, key, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "tpf", "tokens per forward")):
         ax.plot([r["step"] for r in train], [r[key] for r in train], ".-", lw=0.8, label="rollouts (T=1)")
         ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o", label="evaluation at the stage's B")
-        for r in train:
+        for r in train:                           # a grey line and a label where each stage begins
             if r["stage_step"] == 0:
                 ax.axvline(r["step"] - 0.5, color="grey", lw=0.6)
                 ax.text(r["step"], ax.get_ylim()[1], f" B={r['block_size']}", va="top", fontsize=8)
@@ -2267,268 +2616,50 @@ def plot_curves(records: Sequence[dict], path: Path) -> None:
     plt.close(fig)
 
 
-# --- the run ----------------------------------------------------------------------------------------------
-
-
-def json_text(obj, **kwargs) -> str:
-    """Strict JSON: NaN and infinities (e.g. LocalStrict of a batch without pairs) become null."""
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
-    return json.dumps(clean(obj), allow_nan=False, **kwargs)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per RL step and per evaluation, flushed as it is written by the one
-    run that holds the out dir's lock."""
-
-    def __init__(self, path: Path, keep_stages_below: int | None = None):
-        self.path = path
-        self.records = []
-        if keep_stages_below is not None and path.is_file():   # a resumed run drops an unfinished stage's lines
-            self.records = [r for r in map(json.loads, path.read_text().splitlines())
-                            if r["stage"] < keep_stages_below]
-        if is_main():
-            path.write_text("".join(json_text(r) + "\n" for r in self.records))
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if is_main():
-            with self.path.open("a") as f:
-                f.write(json_text(record) + "\n")
-
-
-def evaluate_stage(sampler: Sampler, tokenizer, eval_sets, reward_fn, cfg: Config, out: Path, log: MetricsLog,
-                   stage: int, label: str, stage_block_size: int, step: int) -> None:
-    """Evaluate at every evaluation block size, log it, and draw the decoding order at the stage's B."""
-    sampler.refresh()
-    for name, problems in eval_sets.items():
-        for B in cfg.eval_sizes:
-            metrics, gens = evaluate(sampler, tokenizer, problems, reward_fn, cfg, B, seed=cfg.seed + stage)
-            log.write(dict(kind="eval", stage=stage, label=label, dataset=name, stage_block_size=stage_block_size,
-                           step=step, **metrics))
-            if is_main():
-                print(f"  eval {label:>10} {name} B={B:<3d} acc {metrics['accuracy']:.3f}  "
-                      f"pass@{cfg.eval_samples} {metrics[f'pass@{cfg.eval_samples}']:.3f}  TPF {metrics['tpf']:.2f}  "
-                      f"LocalStrict {metrics['local_strict']:.3f}  len {metrics['length']:.1f}  "
-                      f"cut {metrics['clipped_ratio']:.2f}  {metrics['tokens_per_s']:.0f} tok/s")
-                if (B == stage_block_size or cfg.eval_only) and gens:     # eval-only: a picture per B
-                    plot_trajectories(gens[:8], B, out / f"trajectory-{stage}-{label}-B{B}.png",
-                                      f"{label}: decoding order at B={B} ({name})")
-                    if cfg.show_trajectory:
-                        for g in gens[:2]:
-                            print(render_trajectory(tokenizer, g, B) + "\n")
-
-
-def results_table(records: Sequence[dict], cfg: Config) -> str:
-    """Rows: warm start (or the start model), then each stage; columns: accuracy and TPF at each
-    evaluation block size, and LocalStrict at each."""
-    sizes = cfg.eval_sizes
-    rows = {}
-    for r in records:
-        if r["kind"] == "eval":
-            row = rows.setdefault((r["stage"], r["dataset"]), {"model": r["label"], "dataset": r["dataset"]})
-            for key in ("accuracy", "tpf", "local_strict"):
-                row[f"{key}@{r['block_size']}"] = r[key]
-    columns = [("model", "model"), ("dataset", "data")]
-    columns += [(f"accuracy@{B}", f"acc B={B}") for B in sizes] + [(f"tpf@{B}", f"TPF B={B}") for B in sizes]
-    columns += [(f"local_strict@{B}", f"LS B={B}") for B in sizes]
-    return format_table([rows[k] for k in sorted(rows)], columns)
-
-
-# --- the out dir: one run at a time, never two runs' files --------------------------------------------
-
-RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch", "compile", "micro_batch",
-                     "grad_checkpointing", "show_trajectory")     # settings that do not change what is trained
-
-
-def prepare_out_dir(cfg: Config) -> Path:
-    out = Path(cfg.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out-dir {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create --out-dir {out}: {e.strerror}") from None
-    return out
-
-
-def process_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True                                 # someone else's process, or an unreadable pid: assume alive
-    return True
-
-
-@contextlib.contextmanager
-def out_dir_lock(out: Path):
-    """Hold out/tstar.lock (this run's pid and host) while the run lasts: a second run into the same out dir
-    stops with one line instead of interleaving its files with this one's. A lock whose process no longer
-    exists on this host (a killed run) is taken over with a note."""
-    import socket
-
-    if not is_main():
-        yield
-        return
-    lock = out / "tstar.lock"
-    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-    for attempt in range(2):
-        try:
-            with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                f.write(json.dumps(me))
-            break
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            if attempt == 0 and holder.get("host") == me["host"] and not process_alive(holder.get("pid")):
-                print(f"note: taking over {lock}, left by process {holder.get('pid')}, which no longer runs")
-                lock.unlink(missing_ok=True)
-                continue
-            raise UsageError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-                             f"since {holder.get('started')}); wait for it, or choose another --out-dir "
-                             f"(if that run is gone, delete {lock})") from None
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
-def stages_done(cfg: Config, out: Path) -> int:
-    """How many stages an earlier run in `out` finished, for --resume (0 for a fresh run). A fresh training
-    run refuses an out dir that holds stage checkpoints (they would be taken for its own); --resume takes
-    the last finished stage only if it was trained with the same settings."""
-    finished = sorted((p.parent for p in out.glob("stage*-B*/tstar.json")), key=lambda p: int(p.name[5:].split("-")[0]))
-    if cfg.eval_only:
-        return 0
-    if not cfg.resume:
-        if finished:
-            raise UsageError(f"{out} holds the checkpoints of an earlier run ({', '.join(p.name for p in finished)}): "
-                             f"continue it with --resume, or choose another --out-dir")
-        return 0
-    if not finished:
-        raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
-    done = int(finished[-1].name[5:].split("-")[0])
-    saved = json.loads((finished[-1] / "tstar.json").read_text()).get("config", {})
-    now = json.loads(json_text(dataclasses.asdict(cfg)))
-    differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
-    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
-    if differ or done > len(plan) or finished[-1] != stage_dir(out, done, plan[done - 1][0]):
-        changes = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in differ[:3])
-        raise UsageError(f"--resume: stage {done} in {out} was trained with other settings ({changes or 'curriculum'}); "
-                         f"resume with the same flags, or choose another --out-dir")
-    return done
-
-
-def stage_dir(out: Path, stage: int, block_size: int) -> Path:
-    return out / f"stage{stage}-B{block_size}"
-
-
-def train(cfg: Config, model, value_head, sampler: Sampler, tokenizer, train_problems, eval_sets, reward_fn,
-          out: Path, device, done: int, log: MetricsLog) -> None:
-    """The T* loop: stages of TraceRL at growing block sizes, evaluation and a checkpoint after each;
-    `done` stages were finished by an earlier run (--resume)."""
-    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
-    if done == 0:
-        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
-    rank, size = world()
-    for k in range(done, len(plan)):
-        B, offsets = plan[k]
-        stage = k + 1
-        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
-                                 {"params": value_head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
-        for step, offset in enumerate(offsets):
-            rng = random.Random(f"{cfg.seed}-{k}-{step}")                       # same on every process
-            problems = rng.sample(train_problems, cfg.prompts_per_step)[rank::size]
-            generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k * 10_007 + step * 101 + rank)
-            stats = rl_step(model, value_head, opt, sampler, tokenizer, problems, reward_fn, cfg, B, offset, generator)
-            r = dict(kind="train", stage=stage, block_size=B, offset=offset, stage_step=step,
-                     step=k * cfg.steps_per_stage + step + 1, **stats)
-            log.write(r)
-            if is_main():
-                print(f"stage {stage} B={B:<2d} off={offset:<2d} step {r['step']:4d} | acc {r['accuracy']:.3f} "
-                      f"kept {r['kept']:.2f} cut {r['clipped_ratio']:.2f} TPF {r['tpf']:.2f} LS {r['local_strict']:.3f} "
-                      f"len {r['length']:.1f} | loss {r['policy_loss']:+.3f} ent {r['entropy']:.2f} clip {r['clip_frac']:.3f} "
-                      f"kl {r['kl']:.1e} gnorm {r['grad_norm']:.2f} vloss {r['value_loss']:.3f} "
-                      f"ev {r['explained_var']:+.2f} gap {r['traj_gap']:.1e} | {r['seconds']:.1f}s", flush=True)
-        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
-                       stage * cfg.steps_per_stage)
-        digests = check_in_sync(sampler.model, value_head)
-        save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
-                        info=dict(task=cfg.train_dataset, stage=stage, block_size=B, plan=plan,
-                                  config=dataclasses.asdict(cfg), weights_sha256_per_process=digests))
-    if is_main():
-        table = results_table(log.records, cfg)
-        (out / "results.md").write_text(table + "\n")
-        plot_curves(log.records, out / "curves.png")
-        print("\n" + table + f"\n\nwrote {out / 'metrics.jsonl'}, {out / 'results.md'}, {out / 'curves.png'}")
-
-
-def setup_device(cfg: Config) -> torch.device:
-    """The device, and under torchrun the process group (NCCL on CUDA, gloo on the CPU): one GPU per
-    process. On CUDA, deterministic algorithms (and the cuBLAS workspace setting, made at import), so that
-    --resume reproduces an uninterrupted run."""
-    import torch.distributed as dist
-
-    device = resolve_device(cfg.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
-            if per_node > gpus:
-                raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU(s): "
-                                 f"use --nproc_per_node {gpus} (or --device cpu)")
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return device
+# ======================================================================================================
+# 18. run and main
+# ======================================================================================================
+# run() puts it together: the device and processes, the out dir, the model (after the warm start, or from the
+# stage being resumed), the data, the checks that need the model (block sizes, prompt lengths, memory), the
+# Sampler, and then evaluate_only or train. main() turns a UsageError into one line and exit code 2, and an
+# interrupt into exit code 130.
 
 
 def run(cfg: Config) -> None:
-    device = setup_device(cfg)
-    torch.manual_seed(cfg.seed)
+    """The whole run for a checked config (finalize_config): train with T*, or --eval-only."""
+    device = setup_device(cfg)                    # (and the process group under torchrun)
+    torch.manual_seed(cfg.seed)                   # the tiny model's initial weights
     random.seed(cfg.seed)
     out = prepare_out_dir(cfg)
-    with out_dir_lock(out):
-        done = stages_done(cfg, out)
+    with out_dir_lock(out):                       # from here on, this run alone writes into out
+        done = stages_done(cfg, out)              # stages an earlier run finished (--resume), else 0
         if is_main():
             print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in DERIVED))
+
+        # the model and the data, and every check that needs them, before any long work
         dtype = compute_dtype(cfg, device)
         storage = dtype if cfg.eval_only else torch.float32        # training keeps fp32 master weights
         model, tokenizer = load_model_and_tokenizer(cfg.model, device, storage)
         all_block_sizes = sorted({*cfg.curriculum, cfg.block_size, *cfg.eval_sizes})
         for B in all_block_sizes:
             check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
-        train_problems, eval_sets, reward_fn = load_task(cfg)
-        longest = max(len(encode_prompt(tokenizer, p["question"]))             # before a long warm start
+        train_problems, eval_sets, reward_fn = load_task(cfg)    # (bad data files stop here)
+        longest = max(len(encode_prompt(tokenizer, p["question"]))
                       for problems in [train_problems, *eval_sets.values()] for p in problems)
-        for B in all_block_sizes:
+        for B in all_block_sizes:                 # the longest prompt, its longest response, whole blocks
             for offset in {0, B // 2}:
                 check_fits(longest, cfg.max_new_tokens, model.config.max_position_embeddings, B, offset)
-        if is_architecture_file(cfg.model):
-            model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
-        value_head = None
-        if done:
-            plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
-            path = stage_dir(out, done, plan[done - 1][0])
-            model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
-            value_head = load_value_head(model, path)
-            if is_main():
-                print(f"resuming after stage {done} from {path}")
-        value_head = value_head or new_value_head(model)
+
+        model, value_head = starting_point(cfg, model, tokenizer, train_problems, device, out, done, storage)
+
+        # training memory: recomputed activations, and under torchrun the FSDP shards
         if not cfg.eval_only:
             if cfg.grad_checkpointing:                 # (the method's name changed in transformers 5.x)
                 getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
             if world()[1] > 1:
                 shard(model, value_head, device)
+
+        # the sampler: its weights (the policy or a compute-dtype copy), rows per call, CUDA graphs or not
         graphs = cfg.compile and device.type == "cuda"
         if cfg.compile and not graphs and is_main():
             print(f"--compile: CUDA graphs need a CUDA device; the sampler runs eagerly on {device.type}")
@@ -2536,37 +2667,41 @@ def run(cfg: Config) -> None:
                                  dtype != storage or is_sharded(model))
         if is_main():
             print("memory: " + line)
-        sampler = Sampler(model, dtype, rows, graphs, frozen=cfg.eval_only)
+        sampler = Sampler(model, dtype, rows, graphs, frozen=cfg.eval_only)     # (a frozen model may fuse its norms)
+
         if cfg.eval_only:
             evaluate_only(cfg, sampler, tokenizer, eval_sets, reward_fn, out)
-        else:
+        else:                                     # (a resumed run keeps the log lines of its finished stages)
             log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
             train(cfg, model, value_head, sampler, tokenizer, train_problems, eval_sets, reward_fn, out, device,
                   done, log)
 
 
-def evaluate_only(cfg: Config, sampler: Sampler, tokenizer, eval_sets, reward_fn, out: Path) -> None:
-    """--eval-only: the metrics of --model at every evaluation block size, as a table and eval.json."""
-    log = MetricsLog(out / "eval.jsonl")
-    evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
+def starting_point(cfg: Config, model, tokenizer, train_problems, device, out: Path, done: int, storage):
+    """(policy, value head) to start from: the tiny model after its warm start (a checkpoint as it is), or,
+    with --resume, the weights and value head of the last finished stage."""
+    if is_architecture_file(cfg.model):
+        model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
+    if not done:
+        return model, new_value_head(model)
+    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
+    path = stage_dir(out, done, plan[done - 1][0])
+    model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
     if is_main():
-        columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
-                   (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"), ("nfe", "NFE"),
-                   ("local_strict", "LocalStrict"), ("length", "mean length"), ("clipped_ratio", "cut"),
-                   ("tokens_per_s", "tokens/s")]
-        table = format_table(log.records, columns)
-        (out / "eval.json").write_text(json_text(log.records, indent=1))
-        print("\n" + table + f"\n\nwrote {out / 'eval.json'}")
+        print(f"resuming after stage {done} from {path}")
+    return model, load_value_head(model, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: python tstar.py [flags]. Returns the exit code: 0, 2 for bad input (one line on
+    stderr, no traceback), 130 when interrupted (finished stages are kept)."""
     try:
-        cfg, given = parse_args(argv)
+        cfg, given = parse_args(argv)             # given: the flags set on the command line (they beat the preset)
         run(finalize_config(cfg, given))
     except UsageError as e:
         print(f"tstar: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:                     # (the lock is released on the way out: out_dir_lock)
         print("\ninterrupted: finished stages are saved; rerun with --resume to continue", file=sys.stderr)
         return 130
     finally:
