@@ -2377,19 +2377,19 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
                     batch=cfg.warm_start_batch, lr=cfg.warm_start_lr, block_size=cfg.block_size,
                     train_size=cfg.train_size, test_size=cfg.test_size)
     info_file = path / "tstar.json"
-    if not (info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings):
-        if is_main():                             # one process trains it; the others wait, then all load it
-            t0 = time.time()
-            losses = warm_start(model, tokenizer, {k: [p[k] for p in train] for k in ("question", "answer")},
-                                cfg, device)
-            info = dict(task="toy", settings=settings, seconds=round(time.time() - t0, 1), first_loss=losses[0],
-                        final_loss=float(np.mean(losses[-50:])))
-            save_checkpoint(path, model, tokenizer, info=info)
-            print(f"warm start: {len(losses)} steps in {info['seconds']:.0f}s, "
-                  f"loss {losses[0]:.3f} -> {info['final_loss']:.3f}; saved to {path}")
-        barrier()
+    reuse = info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings
+    if not reuse and is_main():                   # one process trains it; the others wait, then all load it
+        t0 = time.time()
+        losses = warm_start(model, tokenizer, {k: [p[k] for p in train] for k in ("question", "answer")},
+                            cfg, device)
+        info = dict(task="toy", settings=settings, seconds=round(time.time() - t0, 1), first_loss=losses[0],
+                    final_loss=float(np.mean(losses[-50:])))
+        save_checkpoint(path, model, tokenizer, info=info)
+        print(f"warm start: {len(losses)} steps in {info['seconds']:.0f}s, "
+              f"loss {losses[0]:.3f} -> {info['final_loss']:.3f}; saved to {path}")
     elif is_main():
         print(f"warm start: reusing {path}")
+    barrier()              # every process, whatever it found: one that looked late may already see it saved
     return load_model_and_tokenizer(str(path), device, torch.float32)[0]
 
 
