@@ -771,6 +771,7 @@ BAD_FILES = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer
     (["--train-size", "0"], "--train-size must be >= 1"),
     (["--test-size", "0"], "--test-size must be >= 1"),
     (["--warm-start-steps", "0"], "--warm-start-steps must be >= 1"),
+    (["--train-size", "5"], "--prompts-per-step 32 is more than the 5 training problems of toy"),
     (["--eval-limit", "-1"], "--eval-limit must be >= 0"),
     (["--threshold", "-1"], "--threshold must be in [0, 1]"),
     (["--threshold", "2"], "--threshold must be in [0, 1]"),

@@ -1410,8 +1410,8 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
         total += padded_len
     ids, pos, noisy, valid = pad_rows(*zip(*[(a, b, c) for a, b, c, _, _ in pieces]), pad_id=pad_id)
     logp, _, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev),
-                              torch.cat([p[3] for p in pieces]), torch.cat([p[4] for p in pieces]),
-                              block_size, 0)
+                                 torch.cat([p[3] for p in pieces]), torch.cat([p[4] for p in pieces]),
+                                 block_size, 0)
     return -(logp * torch.cat(weights).to(dev)).sum() / total
 
 
@@ -1854,8 +1854,8 @@ def collect_rollouts(sampler: Sampler, tokenizer, problems: Sequence[dict], rewa
     sampler.refresh()
     gens = sampler.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
                             **sampler_kwargs(cfg, sampler.model, tokenizer, block_size, rollout=True))
-    return Rollouts(prompts, gens, rewards_of(gens, [p for p in problems for _ in range(G)], tokenizer, reward_fn).view(-1, G),
-                    block_size, offset)
+    rewards = rewards_of(gens, [p for p in problems for _ in range(G)], tokenizer, reward_fn)     # (samples,)
+    return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
 
 
 @torch.no_grad()
@@ -2017,14 +2017,15 @@ def train(cfg: Config, model, value_head, sampler: Sampler, tokenizer, train_pro
             generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k * 10_007 + step * 101 + rank)
             stats = rl_step(model, value_head, opt, sampler, tokenizer, problems, reward_fn, cfg, B, offset, generator)
             rec = dict(kind="train", stage=stage, block_size=B, offset=offset, stage_step=step,
-                     step=k * cfg.steps_per_stage + step + 1, **stats)
+                       step=k * cfg.steps_per_stage + step + 1, **stats)
             log.write(rec)
             if is_main():
                 print(f"stage {stage} B={B:<2d} off={offset:<2d} step {rec['step']:4d} | acc {rec['accuracy']:.3f} "
-                      f"kept {rec['kept']:.2f} cut {rec['clipped_ratio']:.2f} TPF {rec['tpf']:.2f} LS {rec['local_strict']:.3f} "
-                      f"len {rec['length']:.1f} | loss {rec['policy_loss']:+.3f} ent {rec['entropy']:.2f} clip {rec['clip_frac']:.3f} "
-                      f"kl {rec['kl']:.1e} gnorm {rec['grad_norm']:.2f} vloss {rec['value_loss']:.3f} "
-                      f"ev {rec['explained_var']:+.2f} gap {rec['traj_gap']:.1e} | {rec['seconds']:.1f}s", flush=True)
+                      f"kept {rec['kept']:.2f} cut {rec['clipped_ratio']:.2f} TPF {rec['tpf']:.2f} "
+                      f"LS {rec['local_strict']:.3f} len {rec['length']:.1f} | loss {rec['policy_loss']:+.3f} "
+                      f"ent {rec['entropy']:.2f} clip {rec['clip_frac']:.3f} kl {rec['kl']:.1e} "
+                      f"gnorm {rec['grad_norm']:.2f} vloss {rec['value_loss']:.3f} ev {rec['explained_var']:+.2f} "
+                      f"gap {rec['traj_gap']:.1e} | {rec['seconds']:.1f}s", flush=True)
         evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
                        stage * cfg.steps_per_stage)
         digests = check_in_sync(sampler.model, value_head)
@@ -2644,6 +2645,9 @@ def run(cfg: Config) -> None:
         for B in all_block_sizes:
             check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
         train_problems, eval_sets, reward_fn = load_task(cfg)    # (bad data files stop here)
+        if not cfg.eval_only and len(train_problems) < cfg.prompts_per_step:
+            raise UsageError(f"--prompts-per-step {cfg.prompts_per_step} is more than the {len(train_problems)} "
+                             f"training problems of {cfg.train_dataset}")
         longest = max(len(encode_prompt(tokenizer, p["question"]))
                       for problems in [train_problems, *eval_sets.values()] for p in problems)
         for B in all_block_sizes:                 # the longest prompt, its longest response, whole blocks
