@@ -5,7 +5,10 @@ Each test names the property it checks and fails if that property breaks."""
 import dataclasses
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,16 @@ import tstar
 
 HERE = Path(__file__).parent
 FIXTURE = HERE.parent / "shared" / "fixtures" / "sdar-tiny"
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")      # (e.g. a renamed transformers argument)
+
+
+def torchrun(n, script, *args, timeout=300, threads=None):
+    """Run `script` under torchrun with n processes on a free port (--standalone: two test runs side by side
+    never clash); returns the finished process."""
+    env = {**os.environ, "PYTHONPATH": str(HERE), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), str(script),
+           *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -362,7 +375,8 @@ def test_training_layout_reproduces_the_sampler_logprobs(tiny, B, offset, thresh
     assert len(tb.label) == sum(len(g.ids) for g in gens)          # every token is a target exactly once
     logp = torch.full((len(tb.label),), float("nan"))
     with torch.no_grad():
-        for tgt, lp, _, _ in tstar.score_sequences(model, None, tb, list(range(len(tb.ids))), 7, B, offset,
+        chunks = tstar.micro_batches(tb, range(len(tb.ids)), 7, model.config.vocab_size)
+        for tgt, lp, _, _ in tstar.score_sequences(model, None, tb, chunks, B, offset,
                                                 tok.eos_token_id):
             logp[tgt] = lp
     assert (logp - tb.sampler_logp).abs().max().item() <= 1e-4
@@ -741,7 +755,9 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-BAD_FILES = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer": ', "plain.txt": "x"}
+BAD_FILES = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer": ', "plain.txt": "x",
+             "tied.json": (HERE / "tiny_config.json").read_text().replace('"tie_word_embeddings": false',
+                                                                         '"tie_word_embeddings": true')}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -773,6 +789,7 @@ BAD_FILES = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer
     (["--remasking", "greedy"], "invalid choice: 'greedy'"),
     (["--block-size", "x"], "invalid int value: 'x'"),
     (["--model", "{tmp}/corrupt"], "corrupt/config.json is not valid JSON"),
+    (["--model", "{tmp}/tied.json"], "tied.json ties its LM head to its input embedding"),
 ])
 def test_bad_input_is_caught_before_any_work_with_one_line(tmp_path, capsys, argv, message):
     """Each gets exit code 2 and one line on stderr, no traceback, before the warm start starts."""
@@ -807,8 +824,6 @@ def test_json_logs_hold_null_where_a_metric_is_nan(tmp_path):
 def test_a_second_run_in_the_same_out_dir_stops_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys,
                                                                                       tiny_warm_start):
     import socket
-    import subprocess
-    import sys
     out = tmp_path / "run"
     tiny_warm_start(out)
     first = subprocess.Popen([sys.executable, str(HERE / "tstar.py"), *TINY, "--device", "cpu",
@@ -878,15 +893,11 @@ def test_a_tokenizer_without_mask_token_is_a_clear_error(tmp_path, capsys):
 def test_two_processes_with_gloo_end_with_identical_weights(tmp_path, tiny_warm_start):
     """torchrun --nproc_per_node 2 on CPU (FSDP2): prompts are split, every process samples from the same
     whole weights, only rank 0 writes; the run then resumes with one process."""
-    import subprocess
-    import sys
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(HERE / "tstar.py"), *TINY, "--device", "cpu", "--out-dir", tiny_warm_start(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=HERE)
+    done = torchrun(2, HERE / "tstar.py", *TINY, "--device", "cpu", "--out-dir", tiny_warm_start(tmp_path), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    for stage in ("stage1-B4", "stage2-B8"):
-        digests = json.loads((tmp_path / stage / "tstar.json").read_text())["weights_sha256_per_process"]
-        assert len(digests) == 2 and digests[0] == digests[1]
+    for stage in ("stage1-B4", "stage2-B8"):               # the processes' rollout copies were one policy
+        sums = json.loads((tmp_path / stage / "tstar.json").read_text())["rollout_copy_sum_per_process"]
+        assert len(sums) == 2 and sums[0] == sums[1]
     train = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     assert len(train) == 4                                           # one line per step, written by rank 0 only
     start, end = weights(tmp_path / "warmstart"), weights(tmp_path / "stage2-B8")
@@ -902,6 +913,8 @@ UPDATE_WORKER = """
 import sys, torch, tstar
 torch.set_num_threads(1)
 rollouts, out, G = sys.argv[1], sys.argv[2], 4
+if len(sys.argv) > 5:                            # micro-batches of a few targets each
+    tstar.LOGIT_BYTES = int(sys.argv[5])
 if int(__import__("os").environ.get("WORLD_SIZE", "1")) > 1:
     torch.distributed.init_process_group("gloo")
 rank, size = tstar.world()
@@ -919,6 +932,9 @@ stats = tstar.ppo_update(model, head, opt, mine, cfg, tok.mask_token_id, tok.eos
 weights = {**tstar.full_state_dict(model), **{"value_head." + k: v for k, v in tstar.full_state_dict(head).items()}}
 if rank == 0:
     torch.save((weights, stats), out)
+if size > 1:
+    torch.distributed.barrier()                   # (both done before either tears gloo down)
+    torch.distributed.destroy_process_group()
 """
 
 
@@ -926,9 +942,8 @@ if rank == 0:
 def test_two_processes_make_the_update_of_one_process_on_their_union(tmp_path, tiny, advantage):
     """FSDP over two gloo processes holding 1 and 3 of 4 prompts (uneven token counts, micro-batch counts and
     a dummy micro-batch on the smaller process) makes the same update as one process on all 4: every loss is
-    a mean over all processes' tokens (or, for CJ-GRPO, samples), not a mean of per-process means."""
-    import subprocess
-    import sys
+    a mean over all processes' tokens (or, for CJ-GRPO, samples), not a mean of per-process means. The two
+    processes cut their micro-batches at 5 targets (more, and uneven, micro-batches), the one process does not."""
     model, tok = tiny
     with torch.no_grad():
         ro = tstar.collect_rollouts(tstar.Sampler(model, torch.float32, 64), tok,
@@ -940,11 +955,9 @@ def test_two_processes_make_the_update_of_one_process_on_their_union(tmp_path, t
     (tmp_path / "worker.py").write_text(UPDATE_WORKER)
     results = []
     for n in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29541",
-               str(tmp_path / "worker.py"), str(tmp_path / "ro.pt"), str(tmp_path / f"w{n}.pt"),
-               str(HERE / "tiny_config.json"), advantage]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE,
-                              env={**__import__("os").environ, "PYTHONPATH": str(HERE)})
+        chunk = [] if n == 1 else [4 * model.config.vocab_size * 5]
+        done = torchrun(n, tmp_path / "worker.py", tmp_path / "ro.pt", tmp_path / f"w{n}.pt", HERE / "tiny_config.json",
+                        advantage, *chunk)
         assert done.returncode == 0, done.stderr[-3000:]
         results.append(torch.load(tmp_path / f"w{n}.pt", weights_only=False))
     (one, s1), (two, s2) = results
@@ -958,26 +971,18 @@ def test_two_processes_make_the_update_of_one_process_on_their_union(tmp_path, t
 def test_a_warm_start_trained_under_torchrun_is_shared_by_the_processes(tmp_path):
     """Rank 0 trains and saves the warm start, the other processes wait and load it; the run then trains
     (a mismatched barrier here would hang, and the timeout would fail the test)."""
-    import subprocess
-    import sys
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537",
-           str(HERE / "tstar.py"), "--device", "cpu", "--warm-start-steps", "3", "--warm-start-batch", "4",
-           "--train-size", "40", "--test-size", "4", "--block-sizes", "4", "--steps-per-stage", "1",
-           "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "24", "--out-dir", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=HERE,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun(2, HERE / "tstar.py", "--device", "cpu", "--warm-start-steps", "3", "--warm-start-batch", "4",
+                    "--train-size", "40", "--test-size", "4", "--block-sizes", "4", "--steps-per-stage", "1",
+                    "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "24", "--out-dir", tmp_path,
+                    timeout=240, threads=1)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "warmstart" / "tstar.json").is_file() and (tmp_path / "stage1-B4" / "tstar.json").is_file()
 
 
 @CUDA
 def test_more_torchrun_processes_than_gpus_is_a_clear_error(tmp_path):
-    import subprocess
-    import sys
     n = torch.cuda.device_count() + 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", "29534",
-           str(HERE / "tstar.py"), "--device", "cuda", "--out-dir", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    done = torchrun(n, HERE / "tstar.py", "--device", "cuda", "--out-dir", tmp_path)
     assert done.returncode != 0 and done.stderr.count("tstar: error: torchrun started") == n
     assert "tstar.py\", line" not in done.stderr        # (torchrun adds its own report of the failed children)
 
@@ -1270,3 +1275,281 @@ def test_one_cj_grpo_step_changes_the_policy_and_trains_no_value(every_token_sto
 def test_bad_eoser_and_remasking_settings_are_clear_errors(tmp_path, capsys, argv, message):
     assert tstar.main(argv + ["--out-dir", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ full scale on the CPU
+# What a GPU run exercises, each checked by a CPU stand-in: a bf16 copy on the CPU, gloo processes, a second batch
+# through one Decoder, a fake CUDA graph that replays eagerly.
+
+
+def test_a_cuda_run_has_a_process_group_backend_for_every_device_its_collectives_use(tmp_path, monkeypatch):
+    """NCCL alone serves CUDA tensors only; the metric sums (dist_reduce) are CPU tensors on every run."""
+    import torch.distributed as dist
+
+    def devices_served(backend):
+        return {pair.split(":")[0] for pair in backend.split(",")} if ":" in backend else \
+            {"nccl": {"cuda"}, "gloo": {"cpu"}}[backend]
+    assert tstar.process_group_backend(torch.device("cpu")) == "gloo"
+    seen = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (seen.append(t.device.type), real(t, *a, **k))[1])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert tstar.dist_sum(2.0) == 2.0 and tstar.dist_max(3.5) == 3.5
+    finally:
+        dist.destroy_process_group()
+    used = set(seen) | {"cuda"}                     # FSDP's own collectives run on the model's device
+    assert seen and used <= devices_served(tstar.process_group_backend(torch.device("cuda")))
+
+
+FSDP_WORKER = """
+import json, sys, torch, tstar
+torch.distributed.init_process_group("gloo")
+rank, size = tstar.world()
+torch.manual_seed(0)
+model, tok = tstar.load_model_and_tokenizer(sys.argv[1])
+head = tstar.new_value_head(model)
+if size > 1:
+    tstar.shard(model, head, torch.device("cpu"))
+cfg = tstar.finalize_config(tstar.Config(micro_batch=4), set())
+plan = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cpu"), True, True, True, free=int(sys.argv[2]))
+sampler = tstar.Sampler(model, torch.float32, 8)
+sums = tstar.check_in_sync(sampler)
+if rank == 1:                                     # a stale copy on one process
+    with torch.no_grad():
+        next(sampler.model.parameters())[0, 0] += 1.0
+try:
+    tstar.check_in_sync(sampler)
+    caught = ""
+except RuntimeError as e:
+    caught = str(e)
+if rank == 0:
+    json.dump(dict(plan=plan, sums=sums, caught=caught), open(sys.argv[3], "w"))
+torch.distributed.barrier()                       # (both done before either tears gloo down)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_under_fsdp_the_memory_plan_counts_each_parameter_once_and_the_rollout_copies_are_checked(tmp_path, tiny):
+    """Two gloo processes with the policy sharded by FSDP: the plan counts the model's parameters once (a
+    DTensor's numel is already the whole tensor's), and equals the one-process plan with the training state
+    and gradients halved; the rollout copies of the processes are compared, and a stale one stops the run."""
+    model, _ = tiny
+    (tmp_path / "worker.py").write_text(FSDP_WORKER)
+    free = 10 ** 9
+    done = torchrun(2, tmp_path / "worker.py", HERE / "tiny_config.json", free, tmp_path / "out.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    cfg = tstar.finalize_config(tstar.Config(micro_batch=4), set())
+    one = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cpu"), True, True, True, free=free)
+    two = got["plan"]
+    n = sum(p.numel() for p in model.parameters())
+    assert one["params"] == two["params"] == n and two["processes"] == 2
+    assert two["line"].startswith(tstar.human(n, "") + " parameters")
+    assert two["state"] == one["state"] / 2 == 6 * n and two["grads"] == one["grads"] / 2
+    for key in ("copy", "per_row", "activations", "width"):
+        assert two[key] == one[key], key
+    assert two["rows"] >= one["rows"]                           # (less of the GPU goes to the training state)
+    assert len(got["sums"]) == 2 and got["sums"][0] == got["sums"][1]
+    assert "rollout copies hold different weights" in got["caught"]
+
+
+def test_the_memory_plan_uses_the_decoders_width_and_the_samplers_bytes_per_logit(tiny):
+    model, _ = tiny
+    plan = lambda graphs=False, **kw: tstar.memory_plan(tstar.finalize_config(tstar.Config(micro_batch=4, **kw), set()),  # noqa: E731
+                                                       model, [4, 8], 30, torch.device("cpu"), True, False, graphs,
+                                                       free=10 ** 8)
+    eager, graphs = plan(), plan(graphs=True)
+    assert eager["width"] == 30 + 64 + 16 and graphs["width"] == tstar.KV_BUCKET     # whole buckets with graphs
+    assert graphs["per_row"] > eager["per_row"] and graphs["rows"] & (graphs["rows"] - 1) == 0   # a power of two
+    V = model.config.vocab_size
+    assert plan(top_p=0.9)["per_row"] - eager["per_row"] == 8 * V * 24               # top-p's sorted copies
+    kv = tstar.kv_cache_bytes_per_row(model.config, 110, torch.float32)
+    assert eager["per_row"] == kv + 8 * V * (4 + 16)
+    # keeping the Decoder (CUDA graphs) reserves the gradients and activations: fewer rows than without
+    assert graphs["keep"] and not eager["keep"]
+    free_after = 0.9 * 10 ** 8 - 8 * eager["params"]
+    assert eager["rows"] == int(free_after // eager["per_row"]) // 8 * 8
+    assert graphs["rows"] <= int((free_after - graphs["grads"] - graphs["activations"]) // graphs["per_row"])
+
+
+def rope_model(max_positions=4096, theta=1e6):
+    import json as _json
+    from transformers import Qwen3ForCausalLM
+    torch.manual_seed(0)
+    cfg = tstar.qwen3_config({**_json.loads((HERE / "tiny_config.json").read_text()),
+                              "max_position_embeddings": max_positions, "rope_theta": theta})
+    cfg._attn_implementation = tstar.register_attention()
+    return Qwen3ForCausalLM(cfg).eval()
+
+
+def rotation(model, positions):
+    x = torch.zeros(1, len(positions), 1, dtype=next(model.parameters()).dtype)
+    cos, sin = model.model.rotary_emb(x, torch.tensor(positions)[None])
+    return torch.cat([cos, sin], -1).float()
+
+
+@pytest.mark.parametrize("source", ["tiny", "fixture"])
+def test_a_bf16_rollout_copy_keeps_the_rope_frequencies_in_fp32(source):
+    """The rotation at positions near 2000 (SDAR: theta 1e6) of the bf16 rollout copy equals the fp32 policy's
+    within bf16 rounding of cos and sin; frequencies rounded to bf16 are off by more than 0.1 there."""
+    if source == "fixture" and not FIXTURE.is_dir():
+        pytest.skip("../shared/fixtures/sdar-tiny is absent")
+    policy = rope_model() if source == "tiny" else tstar.load_model_and_tokenizer(str(FIXTURE))[0]
+    copy = tstar.Sampler(policy, torch.bfloat16, 4).model
+    assert next(copy.parameters()).dtype == torch.bfloat16
+    for (name, mine), theirs in zip(copy.named_buffers(), policy.buffers()):
+        assert mine.dtype == torch.float32 and torch.equal(mine, theirs), name
+    positions = list(range(1990, 2048))
+    ref = rotation(policy, positions)
+    assert (rotation(copy, positions) - ref).abs().max() <= 2 ** -8            # bf16 rounding of cos and sin
+    rounded = rope_model() if source == "tiny" else tstar.load_model_and_tokenizer(str(FIXTURE))[0]
+    rounded.to(torch.bfloat16)                                                    # (what the copy used to be)
+    assert (rotation(rounded, positions) - ref).abs().max() > 0.1
+
+
+def test_models_loaded_in_bf16_keep_their_buffers_in_fp32():
+    model, _ = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"), "cpu", torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert all(b.dtype == torch.float32 for b in model.buffers())
+
+
+def test_batches_of_other_padding_through_one_decoder_equal_fresh_decoders(tiny):
+    """Block masks depend on a batch's padding: two batches with the same first block column and row count but
+    other prompt lengths, through one Decoder, give exactly the tokens, step maps and log-probs of a fresh
+    Decoder per batch; also with compaction (rows stopping at different blocks) and the graph path's shapes."""
+    model, tok = tiny
+    a, b = tok.encode("a3 b"), tok.encode("a3 b7 c1")                  # 4 and 8 tokens: both decode from column 8
+    batches = [[a, b, a, b], [b, a, b, b]]
+    kw = sample_kwargs(tok, stop_ids=STOPS, max_new_tokens=40, temperature=1.0)
+    for graphs in (False, True):
+        shared = tstar.Sampler(model, torch.float32, 4, graphs).generate(
+            batches[0] + batches[1], generator=torch.Generator().manual_seed(0), **kw)
+        gen, fresh = torch.Generator().manual_seed(0), []
+        for batch in batches:
+            fresh += tstar.Sampler(model, torch.float32, 4, graphs).generate(batch, generator=gen, **kw)
+        assert len({len(g.ids) for g in fresh}) >= 2                         # rows finish at different blocks
+        assert [(g.ids, g.step_map, g.logprobs) for g in shared] == [(g.ids, g.step_map, g.logprobs) for g in fresh]
+
+
+def test_the_value_head_runs_in_fp32_under_bf16_autocast(tiny):
+    model, tok = tiny
+    head = tstar.new_value_head(model)
+    torch.nn.init.normal_(head.weight)
+    ids = torch.tensor([tok.encode("a3 b7=12")])
+    pos, noisy = torch.arange(8)[None], torch.zeros(1, 8, dtype=torch.bool)
+    rows, cols = torch.zeros(3, dtype=torch.long), torch.tensor([5, 6, 7])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, values, _ = tstar.forward_targets(model, ids, pos, noisy, ~noisy, rows, cols, ids[0, 5:], 4, 0, head)
+        mask = tstar.block_attention_mask(pos, noisy, pos, noisy, ~noisy, 4, 0)
+        h = tstar.hidden_states(model, ids, pos, mask)[rows, cols]
+    assert values.dtype == torch.float32
+    assert torch.equal(values, (h.float() @ head.weight.T + head.bias).squeeze(-1))
+
+
+def test_micro_batches_hold_at_most_micro_batch_sequences_and_the_logit_budget(monkeypatch):
+    tb = tstar.TraceBatch([], [], [], torch.tensor([0, 3, 8, 9, 13, 20]), *(torch.zeros(20, dtype=torch.long)
+                          for _ in range(6)), sampler_logp=torch.zeros(20))      # targets per sequence: 3 5 1 4 7
+    monkeypatch.setattr(tstar, "LOGIT_BYTES", 4 * 10 * 6)                         # vocab 10: at most 6 targets
+    assert tstar.micro_batches(tb, range(5), 3, 10) == [[0], [1, 2], [3], [4]]    # (7 targets: alone)
+    assert tstar.micro_batches(tb, [2, 0, 3], 2, 10) == [[2, 0], [3]]
+    monkeypatch.setattr(tstar, "LOGIT_BYTES", 2 ** 30)
+    assert tstar.micro_batches(tb, range(5), 2, 10) == [[0, 1], [2, 3], [4]]
+
+
+def test_micro_batches_cut_by_targets_give_the_log_probs_of_larger_ones(tiny, monkeypatch):
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, temperature=1.0), generator=torch.Generator().manual_seed(3))
+    tb = tstar.build_trace_batch(prompts, gens, range(len(gens)), 4, 0, 1, tok.mask_token_id)
+
+    def scores():
+        chunks = tstar.micro_batches(tb, range(len(tb.ids)), 64, model.config.vocab_size)
+        out = torch.full((len(tb.label),), float("nan"))
+        with torch.no_grad():
+            for tgt, logp, _, _ in tstar.score_sequences(model, None, tb, chunks, 4, 0, tok.eos_token_id):
+                out[tgt] = logp
+        return len(chunks), out
+    n_whole, whole = scores()
+    monkeypatch.setattr(tstar, "LOGIT_BYTES", 4 * model.config.vocab_size * 8)      # at most 8 targets
+    n_cut, cut = scores()
+    assert n_whole == 1 and n_cut > 3 and torch.allclose(whole, cut, atol=1e-6)
+
+
+def test_prefill_runs_a_few_rows_at_a_time_with_the_same_tokens(tiny, monkeypatch):
+    model, tok = tiny
+    prompts = many_prompts(tok)
+    whole = decode(model, tok, prompts)
+    widths = []
+    real = tstar.hidden_states
+    monkeypatch.setattr(tstar, "hidden_states", lambda m, ids, *a, **k: (widths.append(ids.shape), real(m, ids, *a, **k))[1])
+    monkeypatch.setattr(tstar, "PREFILL_TOKENS", 40)
+    assert decode(model, tok, prompts) == whole
+    D = widths[0][1]                                                 # the first forwards: the prefill, D columns
+    prefill = [n for n, w in widths if w == D]
+    assert sum(prefill) == 16 and max(prefill) == max(1, 40 // D) and len(prefill) > 1
+
+
+class FakeGraph:
+    """A stand-in for a captured CUDA graph on the CPU: replay() reruns the captured call on its static input
+    tensors, with the cache state the capture saw (a real graph bakes both in)."""
+
+    def __init__(self, decoder, g):
+        self.decoder, self.g = decoder, g
+
+    def replay(self):
+        d, g = self.decoder, self.g
+        d.cache.rows, d.cache.kv_len, d.cache.write_at = slice(0, g["ids"].shape[0]), g["mask"].shape[-1], g["write_at"]
+        g["out"] = tstar.hidden_states(d.model, g["ids"], g["pos"], g["mask"], d.cache)
+
+
+def test_a_kept_decoder_captures_each_graph_shape_once_over_many_calls(tiny, monkeypatch):
+    """With graphs the Sampler keeps one Decoder (row capacity a power of two) for every call: each step shape
+    is captured once, a second call captures nothing new, and replays give the eager tokens."""
+    model, tok = tiny
+    captures = []
+
+    def capture(self, ids, pos, mask, write_at):
+        captures.append((ids.shape[0], ids.shape[1], mask.shape[-1]))
+        g = dict(ids=ids.clone(), pos=pos.clone(), mask=mask.clone(), write_at=write_at.clone())
+        g["graph"] = FakeGraph(self, g)
+        return g
+    init = tstar.Decoder.__init__
+
+    def init_capturing(self, *a, **k):
+        init(self, *a, **k)
+        self.capture = self.graphs                     # as on CUDA
+    monkeypatch.setattr(tstar.Decoder, "capture_graph", capture)
+    monkeypatch.setattr(tstar.Decoder, "__init__", init_capturing)
+    prompts = many_prompts(tok)
+    eager = decode(model, tok, prompts)
+    sampler = tstar.Sampler(model, torch.float32, 6, graphs=True)
+    kw = sample_kwargs(tok, stop_ids=STOPS, max_new_tokens=40)
+    first = sampler.generate(prompts, **kw)
+    decoder, n_captures = sampler.decoder, len(captures)
+    assert decoder.rows == 4 and len(set(captures)) == n_captures > 0        # 6 rows -> 4; each shape once
+    second = sampler.generate(prompts, **kw)
+    assert sampler.decoder is decoder and len(captures) == n_captures
+    assert [(g.ids, g.step_map, g.nfe, g.n_tokens, g.stopped) for g in first] == eager
+    assert [(g.ids, g.step_map) for g in second] == [(g.ids, g.step_map) for g in first]
+    assert {rows for rows, _, _ in captures} <= {1, 2, 4}                   # compaction halves into known shapes
+
+
+def test_the_trajectory_gap_is_logged_as_its_mean_its_share_above_a_tenth_and_its_max(tiny):
+    """Two targets whose sampler log-probs are off by 0.5 and 0.05 (the rest agree to ~1e-7 in fp32): the log
+    shows the mean gap, the share of targets above 0.1 and the largest gap."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS[:2] for _ in range(4)]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0),
+                          generator=torch.Generator().manual_seed(1))
+    gens[0].logprobs[0] += 0.5
+    gens[5].logprobs[-1] -= 0.05
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]])              # every sample is kept
+    head = tstar.new_value_head(model)
+    opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.0)
+    stats = tstar.ppo_update(model, head, opt, tstar.Rollouts(prompts, gens, rewards, 4, 0), rl_config(group_size=4),
+                             tok.mask_token_id, tok.eos_token_id, torch.Generator().manual_seed(0))
+    M = sum(len(g.ids) for g in gens)
+    assert stats["traj_gap_max"] == pytest.approx(0.5, abs=1e-4)
+    assert stats["traj_gap_over"] == pytest.approx(1 / M)
+    assert stats["traj_gap"] == pytest.approx(0.55 / M, abs=1e-4)

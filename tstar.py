@@ -49,6 +49,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -200,7 +201,9 @@ class Config:
     minibatches: int = 2
     """optimizer steps per RL step, each on a shuffled share of the trace sequences"""
     micro_batch: int = 64
-    """training sequences per forward pass (gradients are accumulated over micro-batches)"""
+    """training sequences per forward pass (gradients are accumulated over micro-batches). Activations grow
+    with sequences x length (prompt + 2 x response): SDAR-1.7B with 2000-token responses takes 4 with
+    --grad-checkpointing on an 80 GB GPU. A micro-batch also stops at 2^30 bytes of fp32 logits of targets"""
     grad_clip: float = 1.0
     """clip the policy's gradient norm to this"""
     grad_checkpointing: bool = False
@@ -394,16 +397,20 @@ def check_block_size(B: int, K: int | None, max_positions: int) -> None:
 _DROP_KEYS = ("model_type", "auto_map", "architectures", "transformers_version", "torch_dtype", "dtype")
 
 
-def qwen3_config(config_dict: dict):
+def qwen3_config(config_dict: dict, name: str = "the model"):
     from transformers import Qwen3Config
 
     kind = config_dict.get("model_type", "qwen3")
     if kind not in ("qwen3", "sdar"):
-        raise UsageError(f"tstar runs Qwen3-architecture block-diffusion models (SDAR); got model_type {kind!r}")
+        raise UsageError(f"tstar runs Qwen3-architecture block-diffusion models (SDAR); {name} has model_type {kind!r}")
     kwargs = {k: v for k, v in config_dict.items() if k not in _DROP_KEYS}
     if kwargs.get("rope_scaling") is None:
         kwargs.pop("rope_scaling", None)       # SDAR writes null; transformers 5 warns about the key
-    return Qwen3Config(**kwargs)
+    config = Qwen3Config(**kwargs)
+    if config.tie_word_embeddings:             # (the rollout copy and the FSDP units take the head as its own weight)
+        raise UsageError(f"{name} ties its LM head to its input embedding (tie_word_embeddings): tstar trains "
+                         f"untied heads, as SDAR's checkpoints have")
+    return config
 
 
 def char_tokenizer():
@@ -487,14 +494,14 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
         if not path.is_file():
             raise UsageError(f"no such config file: {model}")
         try:
-            config = qwen3_config(json.loads(path.read_text()))
+            config = qwen3_config(json.loads(path.read_text()), model)
         except (json.JSONDecodeError, TypeError, ValueError) as e:
             raise UsageError(f"{model} is not a valid model config: {e}") from None
         config._attn_implementation = register_attention()
         tokenizer = char_tokenizer()
         if config.vocab_size < len(tokenizer):
             raise UsageError(f"{model}: vocab_size {config.vocab_size} < {len(tokenizer)} tokens of the tokenizer")
-        net = Qwen3ForCausalLM(config).to(dtype)
+        net = cast_weights(Qwen3ForCausalLM(config), dtype)
     else:
         path = Path(model)
         if path.is_dir() and ((path / ".metadata").is_file() or any(path.glob("*.distcp"))):
@@ -515,7 +522,7 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
         except OSError:
             raise UsageError(f"cannot load {model!r}: not a local directory, and the hub could not be reached "
                              f"or has no such model; download it and pass the local directory") from None
-        config = qwen3_config(config_dict)
+        config = qwen3_config(config_dict, model)
         net = Qwen3ForCausalLM.from_pretrained(model, config=config, dtype=dtype,
                                                attn_implementation=register_attention())
         tokenizer = AutoTokenizer.from_pretrained(model, config=config, trust_remote_code=False)
@@ -524,6 +531,16 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
     if tokenizer.eos_token_id is None:
         raise UsageError(f"the tokenizer of {model} has no eos token")
     return net.to(device), tokenizer
+
+
+def cast_weights(model, dtype: torch.dtype):
+    """The model with its parameters in dtype and its buffers left in fp32. The buffers are RoPE's inverse
+    frequencies: rounded to bf16 (as model.to(dtype) would), SDAR's (theta 1e6, head dim 128) turn a
+    query-key distance of 2000 by up to ~2 radians, and the sampler would attend to other positions than the
+    trainer."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -547,9 +564,16 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
 def hidden_states(model, ids, pos, mask, cache=None):
     """Final hidden states (batch, L, H) under an explicit 4D block mask. The LM head is applied by the
     caller to just the positions it needs, which saves most of the vocabulary projection."""
-    out = model.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=cache,
-                      use_cache=cache is not None)
+    kwargs = {cache_keyword(type(model.model)): cache} if cache is not None else {}
+    out = model.model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=cache is not None, **kwargs)
     return out.last_hidden_state
+
+
+@functools.cache
+def cache_keyword(trunk: type) -> str:
+    """The name of the trunk's cache argument: `cache` in recent transformers 5.x, `past_key_values` before
+    (which recent versions still take, with a FutureWarning, until 5.40)."""
+    return "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
 
 
 def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -1071,20 +1095,19 @@ def padded_frame(prompts, block_size: int, offset: int, max_new_tokens: int, wid
 class KVCache:
     """Keys and values of every layer in buffers allocated once, (rows, kv heads, width, head dim), and
     written in place. The model's attention calls update() with the keys and values of its queries; they
-    go to the slots `write_at`, and attention reads the slots [0, kv_len) of the first `rows` rows, views
+    go to the slots `write_at`, and attention reads the slots [0, kv_len) of the rows `rows` (a slice), views
     of the buffers. (transformers' StaticCache appends at a running length and returns the whole buffer;
     a denoising step must rewrite the same slots at every step, and an early block should not read the
     empty slots after it.)"""
 
     def __init__(self, config, rows: int, width: int, dtype, device):
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (rows, config.num_key_value_heads, width, head_dim)
+        shape = (rows, config.num_key_value_heads, width, head_dim(config))
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.rows, self.kv_len, self.write_at = rows, 0, None
+        self.rows, self.kv_len, self.write_at = slice(0, rows), 0, None
 
     def update(self, key, value, layer_idx, *args, **kwargs):
-        k, v = self.keys[layer_idx][: self.rows], self.values[layer_idx][: self.rows]
+        k, v = self.keys[layer_idx][self.rows], self.values[layer_idx][self.rows]
         k.index_copy_(2, self.write_at, key.to(k.dtype))
         v.index_copy_(2, self.write_at, value.to(v.dtype))
         return k[:, :, : self.kv_len], v[:, :, : self.kv_len]
@@ -1097,20 +1120,25 @@ class KVCache:
             for lo in range(0, len(keep), 16):
                 chunk = keep[lo: lo + 16]
                 buf[lo: lo + len(chunk)] = buf[chunk]
-        self.rows = len(keep)
 
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.keys + self.values)
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def kv_cache_bytes_per_row(config, width: int, dtype) -> int:
     """Bytes of keys and values one row of width tokens needs: layers x 2 x kv heads x head dim x width."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return (config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * width
+    return (config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim(config) * width
             * torch.empty((), dtype=dtype).element_size())
 
 
-KV_BUCKET = 256     # with CUDA graphs, a step attends to a multiple of this many slots (one graph each)
+KV_BUCKET = 256        # with CUDA graphs, a step attends to a multiple of this many slots (one graph each)
+PREFILL_TOKENS = 16384  # prompt tokens per prefill forward (its activations: ~40 KB per token at SDAR-1.7B)
+
+
+def decoder_width(width: int, graphs: bool) -> int:
+    """Key slots per row a Decoder allocates for `width` tokens: with graphs, whole KV_BUCKETs."""
+    return KV_BUCKET * math.ceil(width / KV_BUCKET) if graphs else width
 
 
 def row_bucket(n: int, capacity: int) -> int:
@@ -1130,30 +1158,30 @@ class Decoder:
         self.model, self.rows, self.graphs = model, rows, graphs
         p = next(model.parameters())
         self.capture = graphs and p.device.type == "cuda"
-        if graphs:
-            width = KV_BUCKET * math.ceil(width / KV_BUCKET)
-        self.width = width
+        self.width = width = decoder_width(width, graphs)
         self.cache = KVCache(model.config, rows, width, p.dtype, p.device) if kv_cache else None
         self.captured: dict = {}
         self.masks: dict = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def start(self, frame: Frame, block_size: int, offset: int) -> None:
-        """Prefill: cache the clean keys and values of the prompts' whole blocks, columns [0, D)."""
+        """Prefill: cache the clean keys and values of the prompts' whole blocks, columns [0, D), a few rows at a
+        time (at most PREFILL_TOKENS tokens per forward, so that its activations stay small)."""
         self.B, self.offset = block_size, offset
+        self.masks = {}                               # (a mask depends on the batch's padding: never reuse one)
         n, D = frame.x.shape[0], frame.D
         if self.cache is None or D == 0:
             return
         if self.cache.keys[0].shape[2] < frame.x.shape[1] or self.rows < n:
             raise ValueError(f"a frame of {n} x {frame.x.shape[1]} does not fit the decoder's cache "
                              f"({self.rows} x {self.cache.keys[0].shape[2]})")
-        self.cache.rows, self.cache.kv_len = n, D
-        self.cache.write_at = torch.arange(D, device=frame.x.device)
-        q = slice(0, D)
-        clean = torch.zeros_like(frame.valid[:, q])
-        mask = block_attention_mask(frame.pos[:, q], clean, frame.pos[:, q], clean, frame.valid[:, q],
-                                    block_size, offset)
-        hidden_states(self.model, frame.x[:, q], frame.pos[:, q], mask, self.cache)
+        self.cache.kv_len, self.cache.write_at = D, torch.arange(D, device=frame.x.device)
+        per_forward = max(1, PREFILL_TOKENS // D)
+        for lo in range(0, n, per_forward):
+            r = self.cache.rows = slice(lo, min(n, lo + per_forward))
+            pos, clean = frame.pos[r, :D], torch.zeros_like(frame.valid[r, :D])
+            mask = block_attention_mask(pos, clean, pos, clean, frame.valid[r, :D], block_size, offset)
+            hidden_states(self.model, frame.x[r, :D], pos, mask, self.cache)
 
     def step(self, frame: Frame, xb, c: int, store_previous: bool):
         """Hidden states (n, B, H) of the noisy block xb at columns [c, c + B). With store_previous, the
@@ -1175,7 +1203,7 @@ class Decoder:
                 self.capture = False
                 print(f"--compile: the step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
                       f"the sampler runs eagerly", file=sys.stderr)
-        self.cache.rows, self.cache.kv_len, self.cache.write_at = ids.shape[0], kv, write_at
+        self.cache.rows, self.cache.kv_len, self.cache.write_at = slice(0, ids.shape[0]), kv, write_at
         return hidden_states(self.model, ids, pos, mask, self.cache)[:, -B:]
 
     def block_mask(self, frame: Frame, c: int, q0: int, kv: int):
@@ -1214,7 +1242,7 @@ class Decoder:
 
     def capture_graph(self, ids, pos, mask, write_at) -> dict:
         g = dict(ids=ids.clone(), pos=pos.clone(), mask=mask.clone(), write_at=write_at.clone())
-        self.cache.rows, self.cache.kv_len, self.cache.write_at = ids.shape[0], mask.shape[-1], g["write_at"]
+        self.cache.rows, self.cache.kv_len, self.cache.write_at = slice(0, ids.shape[0]), mask.shape[-1], g["write_at"]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):                 # warm-up: lazy initialisation must not be captured
@@ -1378,7 +1406,10 @@ def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_siz
     h = hidden_states(model, ids, pos, mask)[rows, cols]                                # (M, H)
     logits = model.lm_head(h).float()                                                   # (M, V)
     logp = -F.cross_entropy(logits, labels, reduction="none")                           # (M,)
-    values = value_head(h.detach().float()).squeeze(-1) if value_head is not None else None
+    values = None
+    if value_head is not None:                  # fp32: autocast would run the Linear in bf16 whatever its input
+        with torch.autocast(h.device.type, enabled=False):
+            values = value_head(h.detach().float()).squeeze(-1)
     ent = None
     if entropy:                                                                         # H = -sum_v p log p
         logp_all = logits.detach().log_softmax(-1)
@@ -1525,19 +1556,39 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
                       cat(cols), cat(labels), cat(sample), cat(token), cat(rnds), cat(steps), cat(lps, torch.float))
 
 
-def score_sequences(model, value_head, tb: TraceBatch, seqs: Sequence[int], micro_batch: int, block_size: int,
+LOGIT_BYTES = 2 ** 30    # fp32 logits of a micro-batch's targets: at most this much (1,766 targets at SDAR's vocab)
+
+
+def micro_batches(tb: TraceBatch, seqs: Sequence[int], micro_batch: int, vocab_size: int) -> list[list[int]]:
+    """The training sequences `seqs` in groups of one forward each: at most micro_batch sequences, whose
+    targets' fp32 logits (targets x vocab x 4 bytes) stay within LOGIT_BYTES (a sequence with more targets
+    forms a group alone). With real weights dynamic decoding commits most of a block at its first step, so one
+    trace round can hold most of a response as targets: four such sequences of 2000 tokens would make 4.9 GB
+    of logits per copy at SDAR's vocabulary of 151,936."""
+    max_targets = max(1, LOGIT_BYTES // (4 * vocab_size))
+    groups, group, targets = [], [], 0
+    for k in seqs:
+        m = int(tb.ptr[k + 1] - tb.ptr[k])
+        if group and (len(group) == micro_batch or targets + m > max_targets):
+            groups.append(group)
+            group, targets = [], 0
+        group.append(k)
+        targets += m
+    return groups + [group] if group else groups
+
+
+def score_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence[int]], block_size: int,
                     offset: int, pad_id: int, n_chunks: int | None = None, entropy: bool = False):
-    """Forward the chosen training sequences in micro-batches. Yields (targets, logp, values, entropy) per
-    micro-batch: the indices of its targets in tb's flat arrays and their log-probs, values and (with
-    entropy=True) the entropy of the policy there, each (M_mb,).
+    """Forward the training sequences one micro-batch (a list of sequence indices, micro_batches) at a time.
+    Yields (targets, logp, values, entropy) per micro-batch: the indices of its targets in tb's flat arrays and
+    their log-probs, values and (with entropy=True) the entropy of the policy there, each (M_mb,).
 
     n_chunks: yield exactly this many micro-batches, the last ones empty. Under FSDP every process must run
     the same number of forwards (each one gathers the sharded weights with the others); an empty
     micro-batch forwards a one-token dummy and yields zero-length slices of its outputs, so a loss built
     from them is 0 and its backward still reaches every weight."""
     dev = next(model.parameters()).device
-    chunks = [seqs[i: i + micro_batch] for i in range(0, len(seqs), micro_batch)]
-    for chunk in chunks + [[]] * ((n_chunks or len(chunks)) - len(chunks)):
+    for chunk in list(chunks) + [[]] * ((n_chunks or len(chunks)) - len(chunks)):
         if not chunk:                                        # the dummy: one clean token, its own target
             one = torch.tensor([[pad_id]], device=dev)
             z = torch.zeros_like(one)
@@ -1780,20 +1831,26 @@ class Sampler:
     weights) it is a copy of the policy in the compute dtype, refreshed from the policy's weights before
     every use: one gather per optimizer step, not one per layer per denoising step. The copy's keys and
     values are in the compute dtype too. Rows are decoded `rows` at a time (--rollout-batch), all batches
-    of one call sharing one Decoder: one KV cache and, with graphs, one set of CUDA graphs."""
+    of one call sharing one Decoder: one KV cache and, with graphs, one set of CUDA graphs. With keep=True
+    (the default with graphs, where the memory plan allows it) the Decoder stays for later calls too, so
+    that each CUDA graph is captured once per run rather than once per RL step; its row capacity is then a
+    power of two, which compaction halves into shapes already captured."""
 
-    def __init__(self, policy, dtype: torch.dtype, rows: int, graphs: bool = False, frozen: bool = False):
-        """frozen: the policy is only evaluated, never trained (--eval-only)."""
+    def __init__(self, policy, dtype: torch.dtype, rows: int, graphs: bool = False, frozen: bool = False,
+                 keep: bool | None = None, width: int = 0):
+        """frozen: the policy is only evaluated, never trained (--eval-only). width: the tokens per row a kept
+        Decoder allocates at least (the longest prompt and response of the run)."""
         from transformers import Qwen3ForCausalLM
 
-        self.policy, self.rows, self.graphs = policy, rows, graphs
+        self.policy, self.rows, self.graphs, self.width = policy, rows, graphs, width
+        self.keep, self.decoder = graphs if keep is None else keep, None
         p = next(policy.parameters())
         if p.dtype == dtype and not is_sharded(policy):
             self.model = policy
         else:
             with torch.device("meta"):
                 self.model = Qwen3ForCausalLM(policy.config)
-            self.model.to_empty(device=p.device).to(dtype).eval().requires_grad_(False)
+            cast_weights(self.model.to_empty(device=p.device), dtype).eval().requires_grad_(False)
             self.refresh()
         if p.device.type == "cuda" and (self.model is not policy or frozen):
             fuse_rms_norms(self.model)
@@ -1815,9 +1872,17 @@ class Sampler:
         in-place writes (index_copy_, scatter_) that gain nothing here."""
         if not prompts:
             return []
-        rows = min(rows or self.rows, len(prompts))
+        capacity = rows or self.rows
+        if self.graphs:                   # a power of two, which compaction halves into shapes already captured
+            capacity = 1 << (capacity.bit_length() - 1)
+        rows = min(capacity, len(prompts))
         width = max(map(len, prompts)) + kwargs["max_new_tokens"] + 2 * kwargs["block_size"]
-        decoder = Decoder(self.model, rows, width, graphs=self.graphs)
+        if self.keep:
+            rows, width = capacity, max(width, self.width)
+        decoder = self.decoder
+        if decoder is None or decoder.rows < rows or decoder.width < width:
+            decoder = Decoder(self.model, rows, width, graphs=self.graphs)
+            self.decoder = decoder if self.keep else None
         deterministic = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(False)
         gens = []
@@ -1863,12 +1928,12 @@ def old_policy_scores(policy, value_head, tb: TraceBatch, cfg: Config, block_siz
     """log p_old, V_old and the policy's entropy at every target, (M,) each, from one pass at the
     pre-update weights (micro-batches; under FSDP as many on every process)."""
     dev = next(policy.parameters()).device
-    M, seqs = len(tb.label), list(range(len(tb.ids)))
+    M = len(tb.label)
     logp_old, v_old, entropy = torch.zeros(M), torch.zeros(M), torch.zeros(M)
-    n_chunks = int(dist_max(math.ceil(len(seqs) / cfg.micro_batch)))
+    chunks = micro_batches(tb, range(len(tb.ids)), cfg.micro_batch, policy.config.vocab_size)
     with autocast(cfg, dev):
-        for tgt, logp, values, ent in score_sequences(policy, value_head, tb, seqs, cfg.micro_batch, block_size,
-                                                      offset, pad_id, n_chunks, entropy=True):
+        for tgt, logp, values, ent in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id,
+                                                      int(dist_max(len(chunks))), entropy=True):
             logp_old[tgt], v_old[tgt], entropy[tgt] = logp.float().cpu(), values.float().cpu(), ent.cpu()
     return logp_old, v_old, entropy
 
@@ -1889,10 +1954,10 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, ad
                             [torch.zeros(0, dtype=torch.long)])
         norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)              # over all processes
         n_tok = max(dist_sum(len(tgt_all)), 1)
-        n_chunks = int(dist_max(math.ceil(len(mb) / cfg.micro_batch)))
+        chunks = micro_batches(tb, mb, cfg.micro_batch, policy.config.vocab_size)
         with autocast(cfg, dev):
-            for tgt, logp, values, _ in score_sequences(policy, value_head, tb, mb, cfg.micro_batch, block_size,
-                                                        offset, pad_id, n_chunks):
+            for tgt, logp, values, _ in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id,
+                                                        int(dist_max(len(chunks)))):
                 per_tok, ratio, kl = ppo_token_loss(logp.float(), logp_old[tgt].to(dev), adv[tgt].to(dev),
                                                     cfg.clip_eps, cfg.beta)
                 loss = (per_tok * weights[tgt].to(dev)).sum() / norm
@@ -1926,8 +1991,9 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     scores, keep = group_advantages(ro.rewards, cfg.advantage, cfg.band)                  # (prompts, G)
     kept = keep.flatten().nonzero()[:, 0].tolist()
     stats = rollout_stats(ro.gens, ro.rewards, B, offset)
-    stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))), traj_gap=0.0, explained_var=0.0,
-                 clip_frac=0.0, kl=0.0, value_loss=0.0, policy_loss=0.0, grad_norm=0.0, entropy=0.0)
+    stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))), traj_gap=0.0, traj_gap_max=0.0,
+                 traj_gap_over=0.0, explained_var=0.0, clip_frac=0.0, kl=0.0, value_loss=0.0, policy_loss=0.0,
+                 grad_norm=0.0, entropy=0.0)
 
     # 2. the states the sampler visited, as training sequences
     tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id)
@@ -1937,8 +2003,12 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
 
     # 3. old log-probs and values: the pre-update weights, the same layout
     logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, cfg, B, offset, pad_id)
-    stats["traj_gap"] = dist_max((logp_old - tb.sampler_logp).abs().max().item() if M else 0.0)
-    stats["entropy"] = dist_sum(entropy.sum().item()) / dist_sum(M)
+    # the trajectory gap |log p_old - log p_sampler| per target: ~1e-7 when the policy samples itself (fp32), a
+    # rounding error with a bf16 rollout copy; its mean, the share above 0.1 and its largest value
+    gap, n_targets = (logp_old - tb.sampler_logp).abs(), dist_sum(M)
+    stats.update(traj_gap=dist_sum(gap.sum().item()) / n_targets, traj_gap_max=dist_max(gap.max().item() if M else 0.0),
+                 traj_gap_over=dist_sum((gap > 0.1).sum().item()) / n_targets,
+                 entropy=dist_sum(entropy.sum().item()) / n_targets)
 
     # 4. advantages per target token: the outcome spread over each sample's denoising steps by GAE
     #    (TraceRL), or the sample's own advantage on every token (CJ-GRPO)
@@ -2025,13 +2095,14 @@ def train(cfg: Config, model, value_head, sampler: Sampler, tokenizer, train_pro
                       f"LS {rec['local_strict']:.3f} len {rec['length']:.1f} | loss {rec['policy_loss']:+.3f} "
                       f"ent {rec['entropy']:.2f} clip {rec['clip_frac']:.3f} kl {rec['kl']:.1e} "
                       f"gnorm {rec['grad_norm']:.2f} vloss {rec['value_loss']:.3f} ev {rec['explained_var']:+.2f} "
-                      f"gap {rec['traj_gap']:.1e} | {rec['seconds']:.1f}s", flush=True)
+                      f"gap {rec['traj_gap']:.1e} max {rec['traj_gap_max']:.1e} >0.1 {rec['traj_gap_over']:.3f} | "
+                      f"{rec['seconds']:.1f}s", flush=True)
         evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
                        stage * cfg.steps_per_stage)
-        digests = check_in_sync(sampler.model, value_head)
+        sums = check_in_sync(sampler)
         save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
                         info=dict(task=cfg.train_dataset, stage=stage, block_size=B, plan=plan,
-                                  config=dataclasses.asdict(cfg), weights_sha256_per_process=digests))
+                                  config=dataclasses.asdict(cfg), rollout_copy_sum_per_process=sums))
         barrier()
     if is_main():
         table = results_table(log.records, cfg)
@@ -2152,8 +2223,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup_device(cfg: Config) -> torch.device:
-    """The device, and under torchrun the process group (NCCL on CUDA, gloo on the CPU): one GPU per
-    process. On CUDA, deterministic algorithms (and the cuBLAS workspace setting, made at import), so that
+    """The device, and under torchrun the process group (process_group_backend): one GPU per process. On CUDA, deterministic algorithms (and the cuBLAS workspace setting, made at import), so that
     --resume reproduces an uninterrupted run."""
     import torch.distributed as dist
 
@@ -2166,10 +2236,17 @@ def setup_device(cfg: Config) -> torch.device:
                                  f"use --nproc_per_node {gpus} (or --device cpu)")
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device), device_id=device if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.use_deterministic_algorithms(True, warn_only=True)
     return device
+
+
+def process_group_backend(device: torch.device) -> str:
+    """A backend for every device a collective of tstar uses: gloo for CPU tensors (dist_reduce sums numbers as
+    CPU tensors, on every run), NCCL for CUDA tensors (FSDP's gathers and reduce-scatters on a GPU run). NCCL
+    alone has no CPU backend: the first metric summed would fail."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def is_main() -> bool:
@@ -2240,25 +2317,21 @@ def full_state_dict(module) -> dict:
     return out
 
 
-def weights_digest(*modules) -> str:
-    """sha256 of every parameter's bytes (whole weights): equal on all processes iff they hold the same."""
-    import hashlib
-    h = hashlib.sha256()
-    for p in (p for m in modules for p in m.parameters()):
-        h.update(full_tensor(p).detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def check_in_sync(*modules) -> list[str]:
-    """The weight digest of every process; stops with a clear error if they differ."""
+def check_in_sync(sampler) -> list[float]:
+    """Under torchrun every process samples from a whole copy of the weights (Sampler.refresh), and all of
+    them must be one policy: a copy left stale would sample from other weights, silently. Compares one float64
+    sum per parameter of every process's copy, computed on its device (cheap) and gathered; stops with a
+    clear error if any differs. (FSDP's shards need no check: they are parts of one tensor by construction.)
+    Returns each process's total, [] when not distributed."""
     import torch.distributed as dist
     if not dist.is_initialized():
-        return [weights_digest(*modules)]
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, weights_digest(*modules))
-    if len(set(digests)) != 1:
-        raise RuntimeError(f"processes hold different weights after a stage: {digests}")
-    return digests
+        return []
+    mine = [float(p.detach().sum(dtype=torch.float64)) for p in sampler.model.parameters()]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if any(theirs != mine for theirs in every):
+        raise RuntimeError(f"the processes' rollout copies hold different weights (sums {[sum(e) for e in every]})")
+    return [sum(e) for e in every]
 
 
 # ======================================================================================================
@@ -2280,31 +2353,59 @@ def human(n: float, unit: str = "B") -> str:
         n /= 1000
 
 
+def propose_bytes_per_logit(cfg: Config, item: int) -> int:
+    """Peak bytes per (masked position, vocabulary entry) while a step proposes (propose): the logits in the
+    compute dtype (item bytes), their fp32 copy, the model's log-probs, the copy without the mask token and the
+    tempered or log-softmaxed one (4 bytes each), a top-k copy, and with top-p a sorted copy, its int64 order,
+    the sorted probabilities, their cumulative sums and their difference."""
+    return item + 16 + (4 if cfg.top_k else 0) + (24 if cfg.top_p < 1 else 0)
+
+
+def training_activation_bytes(cfg: Config, config, tokens: int) -> float:
+    """Activations the backward of one micro-batch of `tokens` training tokens keeps, after Korthikanti et al.
+    (arXiv 2205.05198): ~34 bytes per token and hidden unit in each layer (bf16; SDPA's fused kernels keep no
+    attention scores). With gradient checkpointing a layer keeps only its fp32 input, and one layer at a time
+    is recomputed. Plus the fp32 logits of the micro-batch's targets (micro_batches), about three copies."""
+    per_layer = 34 * tokens * config.hidden_size
+    layers = (4 * tokens * config.hidden_size * config.num_hidden_layers + per_layer if cfg.grad_checkpointing
+              else per_layer * config.num_hidden_layers)
+    return layers + 3 * min(LOGIT_BYTES, 4 * tokens * config.vocab_size)
+
+
 def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, device, training: bool,
-                copy: bool) -> tuple[int, str]:
-    """Rows per sampler call (--rollout-batch, or chosen here) and a one-line memory estimate per GPU:
-        training state  fp32 weights + gradients + AdamW's two moments, 16 bytes per parameter, / N under FSDP
+                copy: bool, graphs: bool, free: int | None = None) -> dict:
+    """Rows per sampler call (--rollout-batch, or chosen here), whether the Sampler keeps its Decoder between
+    calls (keep), and a one-line estimate per GPU (line):
+        training state  fp32 weights + AdamW's two moments, 12 bytes per parameter, / N under FSDP
+        gradients       4 bytes per parameter / N, and the activations of a micro-batch, while training
         rollout copy    the weights in the compute dtype (bf16: 2 bytes per parameter), whole on every GPU
-        KV cache        rows x layers x 2 x kv heads x head dim x dtype bytes x (prompt + new tokens + 2B)
-    plus per row the logits of a block (B x vocab x 4 bytes, a few times over) while a step proposes.
-    On CUDA the automatic batch is as many rows as fit in 90% of the free memory beside what training
-    will still allocate (AdamW's moments, the rollout copy); on the CPU it is 256."""
-    n_params = sum(p.numel() for p in model.parameters()) * (world()[1] if is_sharded(model) else 1)
-    dtype = compute_dtype(cfg, device)
+        KV cache        rows x layers x 2 x kv heads x head dim x dtype bytes x the Decoder's width
+    plus per row the logits of a block (B x vocab x propose_bytes_per_logit) while a step proposes. `free`: the
+    bytes free on the GPU (read from CUDA when None). The automatic batch is as many rows as fit in 90% of the
+    free memory beside what training will still allocate: AdamW's moments, and, when the Decoder stays between
+    calls (CUDA graphs, kept where they fit beside it), the gradients and activations too, since its KV cache
+    then stays while the policy trains. On the CPU the batch is 256."""
+    n_params = sum(p.numel() for p in model.parameters())       # (a DTensor's numel is the whole tensor's)
+    n_proc = world()[1] if is_sharded(model) else 1            # the processes FSDP splits the training state over
+    config, dtype = model.config, compute_dtype(cfg, device)
+    item = torch.empty((), dtype=dtype).element_size()
     B = max(sizes)
-    width = longest_prompt + cfg.max_new_tokens + 2 * B
-    kv_row = kv_cache_bytes_per_row(model.config, width, dtype)
-    per_row = kv_row + B * model.config.vocab_size * 4 * 6
-    n_proc = world()[1]
-    state = 12 * n_params / n_proc if training else n_params * torch.empty((), dtype=dtype).element_size()
+    width = decoder_width(longest_prompt + cfg.max_new_tokens + 2 * B, graphs)
+    kv_row = kv_cache_bytes_per_row(config, width, dtype)
+    per_row = kv_row + B * config.vocab_size * propose_bytes_per_logit(cfg, item)
+    state = (12 if training else item) * n_params / n_proc
     grads = 4 * n_params / n_proc if training else 0
-    copy_bytes = n_params * torch.empty((), dtype=dtype).element_size() if copy else 0
-    rows = cfg.rollout_batch
-    note = ""
-    if device.type == "cuda":
+    acts = training_activation_bytes(cfg, config, cfg.micro_batch * (longest_prompt + 2 * (cfg.max_new_tokens + B))
+                                     ) if training else 0
+    copy_bytes = n_params * item if copy else 0
+    rows, keep, note = cfg.rollout_batch, graphs, ""
+    if free is None and device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
+    if free is not None:
         budget = 0.9 * free - (8 * n_params / n_proc if training else 0) - copy_bytes
-        fit = int(budget // per_row)
+        fit, fit_kept = int(budget // per_row), int((budget - grads - acts) // per_row)
+        keep = graphs and fit_kept >= (rows or max(1, fit // 2))     # (not at the price of half the rows)
+        fit = fit_kept if keep else fit
         if fit < 1:
             raise UsageError(f"not even one rollout row fits: a row needs {human(per_row)} ({width} tokens), and "
                              f"{human(max(budget, 0))} of the {human(free)} free remain beside training; "
@@ -2318,14 +2419,17 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
             rows = min(1024, fit if fit < 16 else fit // 8 * 8)
             note = f", chosen from {human(free)} free"
     rows = rows or 256
+    if graphs:                                   # (Sampler rounds a graph capacity down to a power of two)
+        rows = 1 << (rows.bit_length() - 1)
     kv = rows * kv_row
     shared = f" (/ {n_proc} processes)" if n_proc > 1 and training else ""
     line = (f"{human(n_params, '')} parameters; per GPU: {'weights + AdamW' if training else 'weights'} "
             f"{human(state)}{shared} + rollout copy {human(copy_bytes)} + KV cache {human(kv)} ({rows} rows x "
             f"{width} tokens) = {human(state + copy_bytes + kv)} while sampling"
-            + (f"; gradients {human(grads)}{shared} + activations while training" if training else "")
-            + f"; rollout batch {rows} rows{note}")
-    return rows, line
+            + (f"; gradients {human(grads)}{shared} + activations ~{human(acts)} while training" if training else "")
+            + f"; rollout batch {rows} rows{note}" + ("; the KV cache and CUDA graphs stay between calls" if keep else ""))
+    return dict(params=n_params, processes=n_proc, state=state, grads=grads, activations=acts, copy=copy_bytes,
+                per_row=per_row, width=width, rows=rows, keep=keep, line=line)
 
 
 # ======================================================================================================
@@ -2667,11 +2771,12 @@ def run(cfg: Config) -> None:
         graphs = cfg.compile and device.type == "cuda"
         if cfg.compile and not graphs and is_main():
             print(f"--compile: CUDA graphs need a CUDA device; the sampler runs eagerly on {device.type}")
-        rows, line = memory_plan(cfg, model, all_block_sizes, longest, device, not cfg.eval_only,
-                                 dtype != storage or is_sharded(model))
+        plan = memory_plan(cfg, model, all_block_sizes, longest, device, not cfg.eval_only,
+                           dtype != storage or is_sharded(model), graphs)
         if is_main():
-            print("memory: " + line)
-        sampler = Sampler(model, dtype, rows, graphs, frozen=cfg.eval_only)     # (a frozen model may fuse its norms)
+            print("memory: " + plan["line"])
+        sampler = Sampler(model, dtype, plan["rows"], graphs, frozen=cfg.eval_only,   # (a frozen model may fuse
+                          keep=plan["keep"], width=plan["width"])                     # its norms)
 
         if cfg.eval_only:
             evaluate_only(cfg, sampler, tokenizer, eval_sets, reward_fn, out)
@@ -2679,13 +2784,14 @@ def run(cfg: Config) -> None:
             log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
             train(cfg, model, value_head, sampler, tokenizer, train_problems, eval_sets, reward_fn, out, device,
                   done, log)
+        barrier()                                 # (every process done before any tears the process group down)
 
 
 def starting_point(cfg: Config, model, tokenizer, train_problems, device, out: Path, done: int, storage):
     """(policy, value head) to start from: the tiny model after its warm start (a checkpoint as it is), or,
     with --resume, the weights and value head of the last finished stage."""
     if is_architecture_file(cfg.model):
-        model = warm_started(cfg, model, tokenizer, train_problems, device, out).to(storage)
+        model = cast_weights(warm_started(cfg, model, tokenizer, train_problems, device, out), storage)
     if not done:
         return model, new_value_head(model)
     plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
@@ -2710,6 +2816,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         torch.use_deterministic_algorithms(False)       # (set for CUDA runs; main() may be called again)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
