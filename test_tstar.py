@@ -738,12 +738,17 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
     assert {r["stage"] for r in records if r["kind"] == "eval"} == {0, 1, 2}
     assert (a / "stage1-B4" / "tstar.json").is_file() and (a / "stage2-B8" / "tstar.json").is_file()
     assert (a / "results.md").is_file() and (a / "curves.png").is_file()
-    # an interrupted run (stage 2 never finished), resumed, ends with the same weights
+    # an interrupted run (stage 2 never finished, its last log line cut in the middle), resumed, ends with the
+    # same weights; it needs no warm start (deleted here: it is not trained again)
     assert tstar.main(TINY_RUN + ["--out-dir", tiny_warm_start(b)]) == 0
     import shutil
     shutil.rmtree(b / "stage2-B8")
+    shutil.rmtree(b / "warmstart")
+    with (b / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "stage": 2, "accur')
     steps.clear()
     assert tstar.main(TINY_RUN + ["--out-dir", str(b), "--resume"]) == 0
+    assert not (b / "warmstart").exists()
     assert [(B, off) for B, off, *_ in steps] == [(8, 0), (8, 4)]            # stage 2 only, from stage 1's state
     assert torch.equal(steps[0][3], load_file(str(b / "stage1-B4" / "value_head.safetensors"))["weight"].to(device))
     wa, wb = weights(a / "stage2-B8"), weights(b / "stage2-B8")
@@ -755,13 +760,59 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-BAD_FILES = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer": ', "plain.txt": "x",
-             "tied.json": (HERE / "tiny_config.json").read_text().replace('"tie_word_embeddings": false',
-                                                                         '"tie_word_embeddings": true')}
+def bad_inputs(tmp):
+    """The files and out dirs the rows of the bad-input table point at."""
+    tiny_config = json.loads((HERE / "tiny_config.json").read_text())
+    rows = lambda *rs: "".join(json.dumps(r) + "\n" for r in rs)                     # noqa: E731
+    files = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer": ', "plain.txt": "x",
+             "malformed.jsonl": '{"question": "1+1?", "answer": \n', "malformed.parquet": "PAR1 not parquet",
+             "tied.json": json.dumps({**tiny_config, "tie_word_embeddings": True}),
+             "list.json": "[1, 2]", "negative.json": json.dumps({**tiny_config, "hidden_size": -64}),
+             "null-question.jsonl": rows({"question": None, "answer": "1"}),
+             "empty-question.jsonl": rows({"question": " ", "answer": "1"}),
+             "no-answer.jsonl": rows({"question": "1+1?", "answer": "2"}, {"question": "2+2?"}),
+             "a/test.jsonl": rows({"question": "1+1?", "answer": "2"}),
+             "b/test.jsonl": rows({"question": "2+2?", "answer": "4"}),
+             "corrupt/config.json": "{not json", "stage-model/tstar.json": "{",
+             "runs/corrupt-stage/stage1-B4/tstar.json": '{"config": ',
+             "runs/corrupt-warm/warmstart/tstar.json": "",
+             "runs/backup/stage-old-B4/tstar.json": "{}"}
+    for name, text in files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text)
+    (tmp / "dir.jsonl").mkdir()
+    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
+    tstar.save_checkpoint(tmp / "no-weights", model, tok)
+    (tmp / "no-weights" / "model.safetensors").unlink()
+    default = tstar.finalize_config(tstar.Config(), set())             # a warm start of the default settings ...
+    tstar.save_checkpoint(tmp / "runs/warm-without-weights/warmstart", model, tok,
+                          info=dict(task="toy", settings=tstar.warm_start_settings(default)))
+    (tmp / "runs/warm-without-weights/warmstart/model.safetensors").unlink()        # ... that lost its weights
+    tstar.save_checkpoint(tmp / "runs/finished/warmstart", model, tok,                # a finished run's warm start
+                          info=dict(task="toy", settings=tstar.warm_start_settings(default)))
+
+
+def disk(tmp):
+    """Every file under tmp with its size and modification time (tstar.lock, which a run leaves, aside)."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp.rglob("*") if p.is_file() and p.name != "tstar.lock"}
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "no/such/dir"], "no such model directory"),
+    (["--model", ""], "--model is empty"),
+    (["--model", "{tmp}/list.json"], "list.json is not a model config: it holds a JSON list"),
+    (["--model", "{tmp}/negative.json"], "negative.json: hidden_size must be a positive integer, got -64"),
+    (["--model", "{tmp}/corrupt"], "corrupt/config.json is not valid JSON"),
+    (["--model", "{tmp}/tied.json"], "tied.json ties its LM head to its input embedding"),
+    (["--model", "{tmp}/no-weights"], "cannot load"),
+    (["--model", "{tmp}/stage-model"], "stage-model/tstar.json cannot be read back"),
+    (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["--device", "CPU"], "--device must be auto, cpu, cuda or cuda:N, got 'CPU'"),
+    (["--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    (["--seed", "12345678901234567890"], "--seed must be in [0, 2^32)"),
+    (["--seed", "100000000000000"], "--seed must be in [0, 2^32)"),
+    (["--seed", "-1"], "--seed must be in [0, 2^32)"),
+    (["--seed", "1e14"], "invalid int value: '1e14'"),
     (["--block-sizes", ""], "is empty"),
     (["--block-sizes", "8,4"], "increasing"),
     (["--block-sizes", "0,4"], ">= 1"),
@@ -772,10 +823,25 @@ BAD_FILES = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer
     (["--micro-batch", "0"], "--micro-batch"),
     (["--max-new-tokens", "250"], "exceeds the model's 256 positions"),
     (["--rollout-batch", "0"], "--rollout-batch must be >= 1"),
+    (["--rollout-batch", "1000000000"], "--rollout-batch 1000000000 needs"),
     (["--eval-batch", "0"], "--eval-batch must be >= 1"),
     (["--eval-datasets", "{tmp}/empty.jsonl"], "empty.jsonl is empty"),
     (["--eval-datasets", "{tmp}/malformed.json"], "malformed.json cannot be read as JSON"),
+    (["--eval-datasets", "{tmp}/malformed.jsonl"], "malformed.jsonl cannot be read as JSONL"),
+    (["--eval-datasets", "{tmp}/malformed.parquet"], "malformed.parquet cannot be read as PARQUET"),
+    (["--eval-datasets", "{tmp}/dir.jsonl"], "dir.jsonl is a directory, not a .jsonl file"),
+    (["--eval-datasets", "{tmp}/null-question.jsonl"], "null-question.jsonl: row 1 has no question (found None)"),
+    (["--eval-datasets", "{tmp}/empty-question.jsonl"], "empty-question.jsonl: row 1 has no question"),
+    (["--eval-datasets", "{tmp}/no-answer.jsonl"], "no-answer.jsonl: row 2 has no answer (found None)"),
+    (["--eval-datasets", "{tmp}/a/test.jsonl,{tmp}/b/test.jsonl"], "share the name 'test'"),
     (["--out-dir", "{tmp}/plain.txt"], "plain.txt is a file, not a directory"),
+    (["--out-dir", ""], "--out-dir is empty"),
+    (["--out-dir", "{tmp}/runs/corrupt-stage", "--resume"], "stage1-B4/tstar.json cannot be read back"),
+    (["--out-dir", "{tmp}/runs/corrupt-warm"], "warmstart/tstar.json cannot be read back"),
+    (["--out-dir", "{tmp}/runs/backup", "--resume"], "no finished stage"),
+    (["--out-dir", "{tmp}/runs/warm-without-weights"], "cannot load"),
+    (["--out-dir", "{tmp}/runs/finished", "--eval-only", "--warm-start-steps", "3"],
+     "is a warm start made with other settings (steps 600 then, 3 now)"),
     (["--train-size", "0"], "--train-size must be >= 1"),
     (["--test-size", "0"], "--test-size must be >= 1"),
     (["--warm-start-steps", "0"], "--warm-start-steps must be >= 1"),
@@ -785,24 +851,30 @@ BAD_FILES = {"empty.jsonl": "", "malformed.json": '[{"question": "1+1?", "answer
     (["--threshold", "2"], "--threshold must be in [0, 1]"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--value-lr", "0"], "--value-lr must be > 0"),
+    *[([flag, "inf"], f"{flag} must be a finite number, got inf")
+      for flag in ("--lr", "--value-lr", "--clip-eps", "--beta", "--grad-clip", "--warm-start-lr")],
+    (["--threshold", "nan"], "--threshold must be a finite number, got nan"),
     (["--gamma", "1.5"], "--gamma and --gae-lambda must be in [0, 1]"),
     (["--remasking", "greedy"], "invalid choice: 'greedy'"),
     (["--block-size", "x"], "invalid int value: 'x'"),
-    (["--model", "{tmp}/corrupt"], "corrupt/config.json is not valid JSON"),
-    (["--model", "{tmp}/tied.json"], "tied.json ties its LM head to its input embedding"),
+    (["--eoser-gamma-min", "0"], "(0, 1]"),
+    (["--eoser-gamma-max", "1.5"], "(0, 1]"),
+    (["--eoser-gamma-min", "0.9", "--eoser-gamma-max", "0.5"], "larger than"),
 ])
-def test_bad_input_is_caught_before_any_work_with_one_line(tmp_path, capsys, argv, message):
-    """Each gets exit code 2 and one line on stderr, no traceback, before the warm start starts."""
-    for name, text in BAD_FILES.items():
-        (tmp_path / name).write_text(text)
-    (tmp_path / "corrupt").mkdir()
-    (tmp_path / "corrupt" / "config.json").write_text("{not json")
+def test_bad_input_is_one_line_before_any_work_and_changes_nothing_on_disk(tmp_path, capfd, argv, message):
+    """Each gets exit code 2 and one line on stderr (no traceback, no library's log line), before the warm start
+    starts, and leaves every file as it was (an out dir the run made for itself is removed again)."""
+    bad_inputs(tmp_path)
+    before = disk(tmp_path)
+    capfd.readouterr()
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     out = [] if "--out-dir" in argv else ["--out-dir", str(tmp_path / "out")]
     assert tstar.main(argv + out) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("tstar: error:") and message in err and "\n" not in err
-    assert not (tmp_path / "out" / "warmstart").exists()
+    captured = capfd.readouterr()                    # (what libraries write to the file descriptors, too)
+    err = captured.err.strip()
+    assert err.startswith("tstar: error:") and message in err and "\n" not in err, err
+    assert not captured.out.strip() or captured.out.startswith("config:"), captured.out
+    assert disk(tmp_path) == before and not (tmp_path / "out").exists()
 
 
 def test_help_is_grouped_by_section_and_lists_choices(capsys):
@@ -821,28 +893,29 @@ def test_json_logs_hold_null_where_a_metric_is_nan(tmp_path):
     assert strict == dict(kind="eval", stage=0, local_strict=None, tpf=2.0)
 
 
-def test_a_second_run_in_the_same_out_dir_stops_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys,
-                                                                                      tiny_warm_start):
+def test_a_second_run_in_the_same_out_dir_stops_and_a_killed_runs_lock_is_released(tmp_path, capsys,
+                                                                                     tiny_warm_start):
+    """The lock is the OS's: a second run stops with one line naming the first; a killed run's lock is released
+    by the OS, and a lock file that nobody holds (e.g. 0 bytes) is no lock."""
     import socket
+    import time
     out = tmp_path / "run"
     tiny_warm_start(out)
+    (out / "tstar.lock").write_text("")
     first = subprocess.Popen([sys.executable, str(HERE / "tstar.py"), *TINY, "--device", "cpu",
                               "--out-dir", str(out)], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):                         # wait until the first run holds the lock
-            if (out / "tstar.lock").is_file():
-                break
-            __import__("time").sleep(0.1)
+        t0 = time.monotonic()                        # wait until the first run holds the lock (however loaded the
+        while not (out / "tstar.lock").read_text().startswith("pid") and first.poll() is None:   # machine is)
+            assert time.monotonic() - t0 < 600
+            time.sleep(0.1)
         assert tstar.main(TINY + ["--device", "cpu", "--eval-only", "--out-dir", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"is in use by another run (pid {first.pid} on {socket.gethostname()}" in err
     finally:
         first.kill()
         first.wait()
-    dead = json.loads((out / "tstar.lock").read_text())          # a killed run leaves its lock behind
-    assert dead["pid"] == first.pid
     assert tstar.main(TINY + ["--device", "cpu", "--eval-only", "--out-dir", str(out)]) == 0
-    assert "taking over" in capsys.readouterr().out and not (out / "tstar.lock").exists()
 
 
 def test_a_fresh_run_refuses_an_old_runs_checkpoints_and_resume_needs_the_same_settings(tmp_path, capsys):
@@ -853,8 +926,18 @@ def test_a_fresh_run_refuses_an_old_runs_checkpoints_and_resume_needs_the_same_s
     assert "holds the checkpoints of an earlier run (stage1-B4): continue it with --resume" in capsys.readouterr().err
     assert tstar.main(["--out-dir", str(tmp_path), "--resume"]) == 2
     assert "--lr 0.001 then, 0.0003 now" in capsys.readouterr().err
-    assert tstar.main(["--out-dir", str(tmp_path), "--resume", "--lr", "0.001", "--block-sizes", "8,16"]) == 2
-    assert "other settings" in capsys.readouterr().err
+    assert tstar.main(["--out-dir", str(tmp_path), "--resume", "--lr", "0.001", "--block-sizes", "4,8,16,32,64"]) == 2
+    err = capsys.readouterr().err                                   # (the flag, not the value derived from it)
+    assert "other settings (--block-sizes 4,8,16,32 then, 4,8,16,32,64 now)" in err and "--curriculum" not in err
+
+
+def test_an_interrupted_warm_start_advises_running_the_command_again(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tstar, "warm_start", interrupted)
+    assert tstar.main(["--out-dir", str(tmp_path), "--train-size", "40", "--prompts-per-step", "4"]) == 130
+    err = capsys.readouterr().err
+    assert "no stage was finished; run the same command again" in err and "--resume" not in err
 
 
 def test_resume_without_a_finished_stage_is_a_clear_error(tmp_path, capsys):
@@ -1266,15 +1349,6 @@ def test_one_cj_grpo_step_changes_the_policy_and_trains_no_value(every_token_sto
     assert head.weight.abs().sum() == 0                              # no value loss, no value update
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--eoser-gamma-min", "0"], "(0, 1]"),
-    (["--eoser-gamma-max", "1.5"], "(0, 1]"),
-    (["--eoser-gamma-min", "0.9", "--eoser-gamma-max", "0.5"], "larger than"),
-    (["--remasking", "greedy"], "--remasking"),
-])
-def test_bad_eoser_and_remasking_settings_are_clear_errors(tmp_path, capsys, argv, message):
-    assert tstar.main(argv + ["--out-dir", str(tmp_path)]) == 2
-    assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ full scale on the CPU
@@ -1355,20 +1429,21 @@ def test_under_fsdp_the_memory_plan_counts_each_parameter_once_and_the_rollout_c
 
 
 def test_the_memory_plan_uses_the_decoders_width_and_the_samplers_bytes_per_logit(tiny):
+    """The plan of a GPU run (bf16; the free memory given, so no CUDA call is made)."""
     model, _ = tiny
     plan = lambda graphs=False, **kw: tstar.memory_plan(tstar.finalize_config(tstar.Config(micro_batch=4, **kw), set()),  # noqa: E731
-                                                       model, [4, 8], 30, torch.device("cpu"), True, False, graphs,
-                                                       free=10 ** 8)
+                                                       model, [4, 8], 30, torch.device("cuda"), True, False, graphs,
+                                                       free=5 * 10 ** 7)
     eager, graphs = plan(), plan(graphs=True)
     assert eager["width"] == 30 + 64 + 16 and graphs["width"] == tstar.KV_BUCKET     # whole buckets with graphs
     assert graphs["per_row"] > eager["per_row"] and graphs["rows"] & (graphs["rows"] - 1) == 0   # a power of two
     V = model.config.vocab_size
     assert plan(top_p=0.9)["per_row"] - eager["per_row"] == 8 * V * 24               # top-p's sorted copies
-    kv = tstar.kv_cache_bytes_per_row(model.config, 110, torch.float32)
-    assert eager["per_row"] == kv + 8 * V * (4 + 16)
+    kv = tstar.kv_cache_bytes_per_row(model.config, 110, torch.bfloat16)
+    assert eager["per_row"] == kv + 8 * V * (2 + 16)
     # keeping the Decoder (CUDA graphs) reserves the gradients and activations: fewer rows than without
     assert graphs["keep"] and not eager["keep"]
-    free_after = 0.9 * 10 ** 8 - 8 * eager["params"]
+    free_after = 0.9 * 5 * 10 ** 7 - 8 * eager["params"]
     assert eager["rows"] == int(free_after // eager["per_row"]) // 8 * 8
     assert graphs["rows"] <= int((free_after - graphs["grads"] - graphs["activations"]) // graphs["per_row"])
 

@@ -78,6 +78,15 @@ class UsageError(Exception):
     """Bad input from the user: main() prints the message as one line and exits with code 2."""
 
 
+def read_json(path: Path, fix: str):
+    """A JSON file tstar wrote (a checkpoint's tstar.json, ...). One that cannot be read back was damaged
+    outside tstar: one line of error naming it and `fix`, what to do."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} cannot be read back ({getattr(e, 'msg', '') or type(e).__name__}): {fix}") from None
+
+
 # ======================================================================================================
 # 1. Config
 # ======================================================================================================
@@ -223,7 +232,7 @@ class Config:
 
 
 CHOICES = {"remasking": ("static", "dynamic", "ass"), "advantage": ("gae", "group"),
-           "dtype": ("auto", "float32", "bfloat16"), "device": None}
+           "dtype": ("auto", "float32", "bfloat16")}
 
 
 DERIVED = ("curriculum", "eval_sizes", "band")
@@ -293,6 +302,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, set[str]]:
 def finalize_config(cfg: Config, given: set[str]) -> Config:
     """Apply the preset for checkpoints, parse the lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and
     check every setting: one clear error for the first bad one, before any work starts."""
+    if not cfg.model.strip():
+        raise UsageError("--model is empty: give a config JSON, a checkpoint directory or a hub id")
     if not is_toy_model(cfg.model):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
     sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
@@ -308,7 +319,14 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
                                                              f"got {getattr(cfg, name)}")
     positive = lambda name: (getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, "              # noqa: E731
                                                      f"got {getattr(cfg, name)}")
+    not_finite = [f.name for f in dataclasses.fields(cfg) if f.type == "float" and not math.isfinite(getattr(cfg, f.name))]
     checks = [
+        (not not_finite, f"--{not_finite[0].replace('_', '-')} must be a finite number, got {getattr(cfg, not_finite[0])}"
+         if not_finite else ""),
+        (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
+         f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
+        (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {cfg.seed}"),
+        (cfg.out_dir.strip() != "", "--out-dir is empty"),
         (0.0 <= cfg.shift_fraction <= 1.0, f"--shift-fraction must be in [0, 1], got {cfg.shift_fraction}"),
         (cfg.steps_per_block is None or cfg.steps_per_block >= 1,
          f"--steps-per-block must be positive, got {cfg.steps_per_block}"),
@@ -400,12 +418,19 @@ _DROP_KEYS = ("model_type", "auto_map", "architectures", "transformers_version",
 def qwen3_config(config_dict: dict, name: str = "the model"):
     from transformers import Qwen3Config
 
+    if not isinstance(config_dict, dict):
+        raise UsageError(f"{name} is not a model config: it holds a JSON {type(config_dict).__name__}, not an object")
     kind = config_dict.get("model_type", "qwen3")
     if kind not in ("qwen3", "sdar"):
         raise UsageError(f"tstar runs Qwen3-architecture block-diffusion models (SDAR); {name} has model_type {kind!r}")
     kwargs = {k: v for k, v in config_dict.items() if k not in _DROP_KEYS}
     if kwargs.get("rope_scaling") is None:
         kwargs.pop("rope_scaling", None)       # SDAR writes null; transformers 5 warns about the key
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings", "head_dim"):
+        value = kwargs.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UsageError(f"{name}: {key} must be a positive integer, got {value!r}")
     config = Qwen3Config(**kwargs)
     if config.tie_word_embeddings:             # (the rollout copy and the FSDP units take the head as its own weight)
         raise UsageError(f"{name} ties its LM head to its input embedding (tie_word_embeddings): tstar trains "
@@ -437,7 +462,8 @@ def is_architecture_file(model: str) -> bool:
 def is_toy_model(model: str) -> bool:
     """A config JSON, or a checkpoint that tstar saved from the toy run (its tstar.json says so)."""
     info = Path(model) / "tstar.json"
-    return is_architecture_file(model) or (info.is_file() and json.loads(info.read_text()).get("task") == "toy")
+    return is_architecture_file(model) or (info.is_file() and read_json(
+        info, f"restore it, or delete {model}, a checkpoint tstar saved").get("task") == "toy")
 
 
 def block_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -523,9 +549,12 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
             raise UsageError(f"cannot load {model!r}: not a local directory, and the hub could not be reached "
                              f"or has no such model; download it and pass the local directory") from None
         config = qwen3_config(config_dict, model)
-        net = Qwen3ForCausalLM.from_pretrained(model, config=config, dtype=dtype,
-                                               attn_implementation=register_attention())
-        tokenizer = AutoTokenizer.from_pretrained(model, config=config, trust_remote_code=False)
+        try:
+            net = Qwen3ForCausalLM.from_pretrained(model, config=config, dtype=dtype,
+                                                   attn_implementation=register_attention())
+            tokenizer = AutoTokenizer.from_pretrained(model, config=config, trust_remote_code=False)
+        except (OSError, ValueError) as e:          # (no weights, no tokenizer files, a failed download)
+            raise UsageError(f"cannot load {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if tokenizer.mask_token_id is None:
         raise UsageError(f"the tokenizer of {model} has no mask token: it is not a masked diffusion model")
     if tokenizer.eos_token_id is None:
@@ -799,10 +828,12 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
     from datasets import load_dataset
 
     datasets.disable_progress_bars()                # ("Generating train split" on every load)
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # (a malformed file: tstar's own line says it)
 
     path = Path(name)
     if path.suffix in (".json", ".jsonl", ".parquet"):           # a local file: check it before the loader does
+        if path.is_dir():
+            raise UsageError(f"dataset file {name} is a directory, not a {path.suffix} file")
         if not path.is_file():
             raise UsageError(f"no such dataset file: {name}")
         kind = "parquet" if path.suffix == ".parquet" else "json"
@@ -837,6 +868,11 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
     if limit:                                     # --eval-limit: the first N problems
         ds = ds.select(range(min(limit, len(ds))))
     question, answer = fields
+    for i, (q, a) in enumerate(zip(ds[question], ds[answer])):      # a row a problem can be made of
+        if not isinstance(q, str) or not q.strip():
+            raise UsageError(f"{name}: row {i + 1} has no {question} (found {q!r})")
+        if a is None or not str(a).strip():
+            raise UsageError(f"{name}: row {i + 1} has no {answer} (found {a!r})")
     return [math_problem(q, a) for q, a in zip(ds[question], ds[answer])]
 
 
@@ -857,7 +893,12 @@ def load_task(cfg: Config):
     names = [n.strip() for n in cfg.eval_datasets.split(",") if n.strip()]
     if not names:
         raise UsageError("--eval-datasets is empty")
-    evals = {Path(n).stem if Path(n).suffix else n: problems(n, "test", cfg.eval_limit) for n in names}
+    keys = [Path(n).stem if Path(n).suffix else n for n in names]            # an evaluation set's name in the logs
+    twins = [n for n, k in zip(names, keys) if keys.count(k) > 1]
+    if twins:
+        raise UsageError(f"--eval-datasets {', '.join(twins)} share the name {Path(twins[0]).stem!r} in the results: "
+                         f"rename one of the files")
+    evals = {k: problems(n, "test", cfg.eval_limit) for k, n in zip(keys, names)}
     needs_train = not cfg.eval_only or is_architecture_file(cfg.model)          # training, or the warm start
     train = problems(cfg.train_dataset, "train") if needs_train else []
     return train, evals, reward
@@ -2340,9 +2381,10 @@ def check_in_sync(sampler) -> list[float]:
 # What a GPU holds, per process: the fp32 weights and AdamW's two moments (12 bytes per parameter, / N under
 # FSDP) always; the gradients (4 bytes / N) and activations while training; the rollout copy (2 bytes per
 # parameter in bf16, whole) and the KV cache of the rollout batch while sampling. The gradients are freed
-# before each rollout, so the two peaks do not add up. The rollout batch is chosen from the free memory at
-# start (memory_plan) unless --rollout-batch sets it, and a batch that cannot fit is an error at start, not an
-# out-of-memory error an hour later.
+# before each rollout, so the two peaks do not add up, unless the Sampler keeps its Decoder (CUDA graphs:
+# captured once, into the same KV cache), whose KV cache then stays while the policy trains. The rollout batch
+# is chosen from the free memory at start (memory_plan) unless --rollout-batch sets it, and a batch that cannot
+# fit is an error at start, not an out-of-memory error an hour later.
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -2372,6 +2414,16 @@ def training_activation_bytes(cfg: Config, config, tokens: int) -> float:
     return layers + 3 * min(LOGIT_BYTES, 4 * tokens * config.vocab_size)
 
 
+def free_memory(device) -> int | None:
+    """Bytes free for the run: CUDA's count on a GPU, MemAvailable of /proc/meminfo on a CPU (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return 1024 * int(re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1])
+    except (OSError, TypeError):
+        return None
+
+
 def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, device, training: bool,
                 copy: bool, graphs: bool, free: int | None = None) -> dict:
     """Rows per sampler call (--rollout-batch, or chosen here), whether the Sampler keeps its Decoder between
@@ -2381,12 +2433,12 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
         rollout copy    the weights in the compute dtype (bf16: 2 bytes per parameter), whole on every GPU
         KV cache        rows x layers x 2 x kv heads x head dim x dtype bytes x the Decoder's width
     plus per row the logits of a block (B x vocab x propose_bytes_per_logit) while a step proposes. `free`: the
-    bytes free on the GPU (read from CUDA when None). The automatic batch is as many rows as fit in 90% of the
-    free memory beside what training will still allocate: AdamW's moments, and, when the Decoder stays between
-    calls (CUDA graphs, kept where they fit beside it), the gradients and activations too, since its KV cache
-    then stays while the policy trains. On the CPU the batch is 256."""
+    bytes free for the run (free_memory when None). On CUDA the automatic batch is as many rows as fit in 90% of
+    the free memory beside what training will still allocate: AdamW's moments, and, when the Decoder stays
+    between calls (CUDA graphs, kept where they fit beside it), the gradients and activations too, since its
+    KV cache then stays while the policy trains. On the CPU it is 256. A batch that does not fit is an error."""
     n_params = sum(p.numel() for p in model.parameters())       # (a DTensor's numel is the whole tensor's)
-    n_proc = world()[1] if is_sharded(model) else 1            # the processes FSDP splits the training state over
+    n_proc = world()[1] if training else 1        # the processes FSDP splits the training state over
     config, dtype = model.config, compute_dtype(cfg, device)
     item = torch.empty((), dtype=dtype).element_size()
     B = max(sizes)
@@ -2399,8 +2451,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
                                      ) if training else 0
     copy_bytes = n_params * item if copy else 0
     rows, keep, note = cfg.rollout_batch, graphs, ""
-    if free is None and device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+    free = free_memory(device) if free is None else free
     if free is not None:
         budget = 0.9 * free - (8 * n_params / n_proc if training else 0) - copy_bytes
         fit, fit_kept = int(budget // per_row), int((budget - grads - acts) // per_row)
@@ -2415,7 +2466,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
                 raise UsageError(f"{flag} {n} needs {human(n * per_row)} for its KV cache and logits "
                                  f"({human(per_row)} per row of {width} tokens); about {fit} rows fit in the "
                                  f"{human(max(budget, 0))} left of {human(free)} free")
-        if not rows:
+        if not rows and device.type == "cuda":
             rows = min(1024, fit if fit < 16 else fit // 8 * 8)
             note = f", chosen from {human(free)} free"
     rows = rows or 256
@@ -2473,16 +2524,26 @@ def load_value_head(model, path: Path) -> torch.nn.Linear:
     return head
 
 
+def warm_start_settings(cfg: Config) -> dict:
+    """Everything that shapes the warm start: equal settings mean a saved one can be reused as it is."""
+    return dict(config=json.loads(Path(cfg.model).read_text()), seed=cfg.seed, steps=cfg.warm_start_steps,
+                batch=cfg.warm_start_batch, lr=cfg.warm_start_lr, block_size=cfg.block_size,
+                train_size=cfg.train_size, test_size=cfg.test_size)
+
+
 def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: Path):
     """The tiny model after its warm start: reused from out/warmstart when it was made with the same
     settings, trained (and saved) otherwise."""
     path = out / "warmstart"
-    # everything that shapes the warm start: equal settings mean the saved one can be reused as it is
-    settings = dict(config=json.loads(Path(cfg.model).read_text()), seed=cfg.seed, steps=cfg.warm_start_steps,
-                    batch=cfg.warm_start_batch, lr=cfg.warm_start_lr, block_size=cfg.block_size,
-                    train_size=cfg.train_size, test_size=cfg.test_size)
+    settings = warm_start_settings(cfg)
     info_file = path / "tstar.json"
-    reuse = info_file.is_file() and json.loads(info_file.read_text()).get("settings") == settings
+    reuse = info_file.is_file()
+    if reuse:                                     # never replaced: minutes of compute, maybe another run's
+        saved = read_json(info_file, f"delete {path} to train the warm start again").get("settings", {})
+        differ = [f"{k} {saved.get(k)} then, {v} now" for k, v in settings.items() if saved.get(k) != v]
+        if differ:
+            raise UsageError(f"{path} is a warm start made with other settings ({', '.join(differ[:3])}): choose "
+                             f"another --out-dir, or delete {path} to train a new one")
     if not reuse and is_main():                   # one process trains it; the others wait, then all load it
         t0 = time.time()
         losses = warm_start(model, tokenizer, {k: [p[k] for p in train] for k in ("question", "answer")},
@@ -2505,81 +2566,71 @@ def stage_dir(out: Path, stage: int, block_size: int) -> Path:
 # ======================================================================================================
 # 16. The out dir: one run at a time, never two runs' files
 # ======================================================================================================
-# A run holds out/tstar.lock (its pid and host) while it lasts; a second run into the same out dir stops with
-# one line, and a lock left by a killed run on this host is taken over. A fresh training run refuses an out dir
-# that holds stage checkpoints (they would be taken for its own); --resume takes the last finished stage only
-# if it was trained with the same settings (RESUME_MAY_DIFFER lists those that may change).
+# A run holds an OS lock on out/tstar.lock while it lasts; a second run into the same out dir stops with one
+# line. A fresh training run refuses an out dir that holds stage checkpoints (they would be taken for its own),
+# a warm start is reused only if made with the same settings and never replaced, and --resume takes the last
+# finished stage only if it was trained with the same settings (RESUME_MAY_DIFFER lists those that may change).
 
 
 RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch", "compile", "micro_batch",
                      "grad_checkpointing", "show_trajectory")     # settings that do not change what is trained
 
 
-def prepare_out_dir(cfg: Config) -> Path:
-    """--out-dir, created if need be; one line of error if it is a file or cannot be made."""
+@contextlib.contextmanager
+def claimed_out_dir(cfg: Config):
+    """--out-dir, created if need be, with an OS lock (flock) on out/tstar.lock held while the run lasts: a
+    second run into the same out dir stops with one line instead of interleaving its files with this one's. The
+    OS releases the lock when the process ends, however it ends (a killed run leaves nothing to clean up); the
+    file names the holder for that message. An out dir this run created is removed again if the run stops with
+    bad input before writing anything into it."""
+    import fcntl
+    import socket
+
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} is a file, not a directory")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create --out-dir {out}: {e.strerror}") from None
-    return out
-
-
-def process_alive(pid) -> bool:
-    """Whether a process with this pid exists on this machine (signal 0 checks without signalling)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True                                 # someone else's process, or an unreadable pid: assume alive
-    return True
-
-
-@contextlib.contextmanager
-def out_dir_lock(out: Path):
-    """Hold out/tstar.lock (this run's pid and host) while the run lasts: a second run into the same out dir
-    stops with one line instead of interleaving its files with this one's. A lock whose process no longer
-    exists on this host (a killed run) is taken over with a note."""
-    import socket
-
     if not is_main():                             # (only rank 0 writes files, so only it needs the lock)
-        yield
+        yield out
         return
-    lock = out / "tstar.lock"
-    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-    for attempt in range(2):                      # the second attempt follows the removal of a dead run's lock
-        try:                                      # O_EXCL: creating the file is the test, atomically
-            with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                f.write(json.dumps(me))
-            break
-        except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, json.JSONDecodeError):
-                holder = {}
-            # a pid can be checked on this host only; a lock from elsewhere is respected until deleted
-            if attempt == 0 and holder.get("host") == me["host"] and not process_alive(holder.get("pid")):
-                print(f"note: taking over {lock}, left by process {holder.get('pid')}, which no longer runs")
-                lock.unlink(missing_ok=True)
-                continue
-            raise UsageError(f"{out} is in use by another run (pid {holder.get('pid')} on {holder.get('host')}, "
-                             f"since {holder.get('started')}); wait for it, or choose another --out-dir "
-                             f"(if that run is gone, delete {lock})") from None
     try:
-        yield
-    finally:                                      # also on an error or an interrupt
-        lock.unlink(missing_ok=True)
+        with open(out / "tstar.lock", "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                raise UsageError(f"{out} is in use by another run ({f.read().strip() or 'starting'}); wait for it, "
+                                 f"or choose another --out-dir") from None
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.flush()
+            yield out                             # (closing the file releases the lock)
+    except UsageError:
+        if created and [p.name for p in out.iterdir()] == ["tstar.lock"]:
+            (out / "tstar.lock").unlink()
+            out.rmdir()
+        raise
+
+
+STAGE_DIR = re.compile(r"stage(\d+)-B(\d+)")       # stage{k}-B{B}: the checkpoint after stage k, at block size B
+
+
+def finished_stages(out: Path) -> list[Path]:
+    """The stage checkpoints in `out`, by stage. A stage is finished when its tstar.json exists (save_checkpoint
+    writes it last); other names (a backup copy such as stage-old-B4/) are not stages of a run."""
+    found = [p.parent for p in out.glob("stage*-B*/tstar.json") if STAGE_DIR.fullmatch(p.parent.name)]
+    return sorted(found, key=lambda p: int(STAGE_DIR.fullmatch(p.name)[1]))
 
 
 def stages_done(cfg: Config, out: Path) -> int:
     """How many stages an earlier run in `out` finished, for --resume (0 for a fresh run). A fresh training
     run refuses an out dir that holds stage checkpoints (they would be taken for its own); --resume takes
     the last finished stage only if it was trained with the same settings."""
-    # a stage is finished when its tstar.json exists: save_checkpoint writes it into the directory last
-    finished = sorted((p.parent for p in out.glob("stage*-B*/tstar.json")), key=lambda p: int(p.name[5:].split("-")[0]))
+    finished = finished_stages(out)
     if cfg.eval_only:                             # (evaluation writes no checkpoints; any dir will do)
         return 0
     if not cfg.resume:                           # a fresh run: nothing of an earlier run may be mistaken for its own
@@ -2589,17 +2640,19 @@ def stages_done(cfg: Config, out: Path) -> int:
         return 0
     if not finished:
         raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
-    done = int(finished[-1].name[5:].split("-")[0])
-    saved = json.loads((finished[-1] / "tstar.json").read_text()).get("config", {})
+    last = finished[-1]
+    done = int(STAGE_DIR.fullmatch(last.name)[1])
+    saved = read_json(last / "tstar.json", f"delete {last}, and --resume trains stage {done} again").get("config", {})
     now = json.loads(json_text(dataclasses.asdict(cfg)))            # (as saved: tuples become lists)
-    # every setting that shapes training must be the one the stage was trained with
-    differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
+    # every setting that shapes training must be the one the stage was trained with (the flags, not the values
+    # finalize_config derives from them)
+    differ = [k for k in now if k not in RESUME_MAY_DIFFER + DERIVED and saved.get(k) != now[k]]
     plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
     # (and the stage must exist in this curriculum, under the name this curriculum gives it)
-    if differ or done > len(plan) or finished[-1] != stage_dir(out, done, plan[done - 1][0]):
+    if differ or done > len(plan) or last != stage_dir(out, done, plan[done - 1][0]):
         changes = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in differ[:3])
-        raise UsageError(f"--resume: stage {done} in {out} was trained with other settings ({changes or 'curriculum'}); "
-                         f"resume with the same flags, or choose another --out-dir")
+        raise UsageError(f"--resume: stage {done} in {out} was trained with other settings "
+                         f"({changes or 'another --block-sizes'}); resume with the same flags, or choose another --out-dir")
     return done
 
 
@@ -2630,8 +2683,17 @@ class MetricsLog:
         self.path = path
         self.records = []                         # every record of this run (for the table and the plots)
         if keep_stages_below is not None and path.is_file():   # a resumed run drops an unfinished stage's lines
-            self.records = [r for r in map(json.loads, path.read_text().splitlines())
-                            if r["stage"] < keep_stages_below]
+            lines = path.read_text(errors="replace").splitlines()
+            for i, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:       # cut by an interrupted write: a line of the unfinished stage
+                        break
+                    raise UsageError(f"{path} line {i + 1} cannot be read back: delete that line (or the file: "
+                                     f"the resumed run's table then starts at stage {keep_stages_below})") from None
+                if record["stage"] < keep_stages_below:
+                    self.records.append(record)
         if is_main():                             # a fresh run starts the file anew
             path.write_text("".join(json_text(r) + "\n" for r in self.records))
 
@@ -2735,8 +2797,7 @@ def run(cfg: Config) -> None:
     device = setup_device(cfg)                    # (and the process group under torchrun)
     torch.manual_seed(cfg.seed)                   # the tiny model's initial weights
     random.seed(cfg.seed)
-    out = prepare_out_dir(cfg)
-    with out_dir_lock(out):                       # from here on, this run alone writes into out
+    with claimed_out_dir(cfg) as out:            # from here on, this run alone writes into out
         done = stages_done(cfg, out)              # stages an earlier run finished (--resume), else 0
         if is_main():
             print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in DERIVED))
@@ -2757,6 +2818,16 @@ def run(cfg: Config) -> None:
         for B in all_block_sizes:                 # the longest prompt, its longest response, whole blocks
             for offset in {0, B // 2}:
                 check_fits(longest, cfg.max_new_tokens, model.config.max_position_embeddings, B, offset)
+        # the sampler's rows per call and the memory they take, from the architecture (under torchrun the policy
+        # will be sharded, and sampled from a whole copy)
+        graphs = cfg.compile and device.type == "cuda"
+        if cfg.compile and not graphs and is_main():
+            print(f"--compile: CUDA graphs need a CUDA device; the sampler runs eagerly on {device.type}")
+        sharded = world()[1] > 1 and not cfg.eval_only
+        plan = memory_plan(cfg, model, all_block_sizes, longest, device, not cfg.eval_only,
+                           dtype != storage or sharded, graphs)
+        if is_main():
+            print("memory: " + plan["line"])
 
         model, value_head = starting_point(cfg, model, tokenizer, train_problems, device, out, done, storage)
 
@@ -2764,17 +2835,10 @@ def run(cfg: Config) -> None:
         if not cfg.eval_only:
             if cfg.grad_checkpointing:                 # (the method's name changed in transformers 5.x)
                 getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-            if world()[1] > 1:
+            if sharded:
                 shard(model, value_head, device)
 
         # the sampler: its weights (the policy or a compute-dtype copy), rows per call, CUDA graphs or not
-        graphs = cfg.compile and device.type == "cuda"
-        if cfg.compile and not graphs and is_main():
-            print(f"--compile: CUDA graphs need a CUDA device; the sampler runs eagerly on {device.type}")
-        plan = memory_plan(cfg, model, all_block_sizes, longest, device, not cfg.eval_only,
-                           dtype != storage or is_sharded(model), graphs)
-        if is_main():
-            print("memory: " + plan["line"])
         sampler = Sampler(model, dtype, plan["rows"], graphs, frozen=cfg.eval_only,   # (a frozen model may fuse
                           keep=plan["keep"], width=plan["width"])                     # its norms)
 
@@ -2790,29 +2854,35 @@ def run(cfg: Config) -> None:
 def starting_point(cfg: Config, model, tokenizer, train_problems, device, out: Path, done: int, storage):
     """(policy, value head) to start from: the tiny model after its warm start (a checkpoint as it is), or,
     with --resume, the weights and value head of the last finished stage."""
+    if done:                                      # (the warm start is not needed, nor retrained if gone)
+        plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
+        path = stage_dir(out, done, plan[done - 1][0])
+        model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
+        if is_main():
+            print(f"resuming after stage {done} from {path}")
+        return model, load_value_head(model, path)
     if is_architecture_file(cfg.model):
         model = cast_weights(warm_started(cfg, model, tokenizer, train_problems, device, out), storage)
-    if not done:
-        return model, new_value_head(model)
-    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
-    path = stage_dir(out, done, plan[done - 1][0])
-    model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
-    if is_main():
-        print(f"resuming after stage {done} from {path}")
-    return model, load_value_head(model, path)
+    return model, new_value_head(model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: python tstar.py [flags]. Returns the exit code: 0, 2 for bad input (one line on
     stderr, no traceback), 130 when interrupted (finished stages are kept)."""
+    cfg = None
     try:
         cfg, given = parse_args(argv)             # given: the flags set on the command line (they beat the preset)
-        run(finalize_config(cfg, given))
+        cfg = finalize_config(cfg, given)
+        run(cfg)
     except UsageError as e:
         print(f"tstar: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:                     # (the lock is released on the way out: out_dir_lock)
-        print("\ninterrupted: finished stages are saved; rerun with --resume to continue", file=sys.stderr)
+    except KeyboardInterrupt:                     # (the lock is released on the way out: claimed_out_dir)
+        done = cfg is not None and not cfg.eval_only and finished_stages(Path(cfg.out_dir))
+        print("\ninterrupted" + (": finished stages are saved; rerun with --resume to continue" if done else
+                                 "" if cfg is None or cfg.eval_only else
+                                 ": no stage was finished; run the same command again (a finished warm start is "
+                                 "reused)"), file=sys.stderr)
         return 130
     finally:
         torch.use_deterministic_algorithms(False)       # (set for CUDA runs; main() may be called again)
