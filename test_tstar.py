@@ -465,14 +465,14 @@ def every_token_stops(monkeypatch):
     monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tok: list(range(model.config.vocab_size)))
 
 
-def one_rl_step(reward_fn, block_size=4, offset=0, **config):
+def one_rl_step(reward_fn, block_size=4, offset=0, optimizer=torch.optim.AdamW, **config):
     """A fresh tiny model and value head, one rl_step on three prompts; returns them, the weights before, stats."""
     torch.manual_seed(0)
     model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
     head = tstar.new_value_head(model)
     cfg = rl_config(**config)
-    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
-                             {"params": head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
+    opt = optimizer([{"params": model.parameters(), "lr": cfg.lr},
+                     {"params": head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
     sampler = tstar.Sampler(model, torch.float32, rows=64)
@@ -695,18 +695,19 @@ def weights(path):
 
 
 def spy_on_the_loop(monkeypatch):
-    """Record (B, offset, id(value head), value head weight, policy lm_head weight) at every rl_step, and
-    the offset of every evaluation sampler call."""
+    """Record (B, offset, id(value head), value head weight, policy lm_head weight, the step's questions) at
+    every rl_step, and the settings of every sampler call (evaluation or rollouts)."""
     steps, evals = [], []
     rl_step, generate = tstar.rl_step, tstar.Sampler.generate
 
     def spy_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, B, offset, gen):
-        steps.append((B, offset, id(head), head.weight.detach().clone(), model.lm_head.weight.detach().clone()))
+        steps.append((B, offset, id(head), head.weight.detach().clone(), model.lm_head.weight.detach().clone(),
+                      [p["question"] for p in problems]))
         return rl_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, B, offset, gen)
 
     def spy_generate(self, prompts, **kw):
-        if kw.get("desc", "").startswith("eval"):
-            evals.append(kw.get("offset", 0))
+        evals.append(dict(kind=kw.get("desc", "").split()[0], offset=kw.get("offset", 0), prompts=len(prompts),
+                          rows=kw.get("rows"), **{k: kw[k] for k in ("temperature", "block_size", "max_new_tokens")}))
         return generate(self, prompts, **kw)
     monkeypatch.setattr(tstar, "rl_step", spy_step)
     monkeypatch.setattr(tstar.Sampler, "generate", spy_generate)
@@ -724,10 +725,20 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
     # the wires of the curriculum: each RL step at its stage's block size and planned offset (shifted
     # boundaries), evaluation at offset 0, and the policy and value head carried from stage to stage
     assert [(B, off) for B, off, *_ in steps] == [(4, 0), (4, 2), (8, 0), (8, 4)]
-    assert evals and all(off == 0 for off in evals)
-    assert len({head_id for _, _, head_id, _, _ in steps}) == 1          # one value head for the whole run
+    # evaluation: offset 0, the evaluation temperature, every test problem once per block size and stage;
+    # rollouts: the rollout temperature, G samples of each of the step's prompts
+    evaluations = [e for e in evals if e["kind"] == "eval"]
+    assert len(evaluations) == 3 * 2 and {(e["offset"], e["temperature"], e["prompts"]) for e in evaluations} == {(0, 0.0, 8)}
+    assert [e["block_size"] for e in evaluations] == [4, 8] * 3
+    rollouts = [e for e in evals if e["kind"] == "rollouts"]
+    assert [(e["block_size"], e["offset"]) for e in rollouts] == [(4, 0), (4, 2), (8, 0), (8, 4)]
+    assert {(e["temperature"], e["prompts"], e["max_new_tokens"]) for e in rollouts} == {(1.0, 8 * 8, 24)}
+    # the data: each step draws --prompts-per-step distinct training problems, another set each step
+    questions = [q for *_, q in steps]
+    assert all(len(set(q)) == 8 for q in questions) and len({tuple(q) for q in questions}) == 4
+    assert len({head_id for _, _, head_id, *_ in steps}) == 1          # one value head for the whole run
     saved = load_file(str(a / "stage1-B4" / "value_head.safetensors"))
-    _, _, _, head_w, policy_w = steps[2]                                  # the first step of stage 2
+    _, _, _, head_w, policy_w, _ = steps[2]                               # the first step of stage 2
     assert torch.equal(head_w, saved["weight"].to(head_w.device))
     assert torch.equal(policy_w, weights(a / "stage1-B4")["lm_head.weight"].to(policy_w.device))
     records = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
@@ -750,6 +761,7 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
     assert tstar.main(TINY_RUN + ["--out-dir", str(b), "--resume"]) == 0
     assert not (b / "warmstart").exists()
     assert [(B, off) for B, off, *_ in steps] == [(8, 0), (8, 4)]            # stage 2 only, from stage 1's state
+    assert [q for *_, q in steps] == questions[2:]                        # the problems the first run drew
     assert torch.equal(steps[0][3], load_file(str(b / "stage1-B4" / "value_head.safetensors"))["weight"].to(device))
     wa, wb = weights(a / "stage2-B8"), weights(b / "stage2-B8")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -1628,3 +1640,122 @@ def test_the_trajectory_gap_is_logged_as_its_mean_its_share_above_a_tenth_and_it
     assert stats["traj_gap_max"] == pytest.approx(0.5, abs=1e-4)
     assert stats["traj_gap_over"] == pytest.approx(1 / M)
     assert stats["traj_gap"] == pytest.approx(0.55 / M, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ properties of the method
+
+
+def test_toy_reward_checks_every_rule_of_the_hand_worked_example():
+    q, right = "?604??764??593??242?=", "62712852137869580103"      # (the example of section 3)
+    assert tstar.toy_reward(right, q) == 1.0 and tstar.toy_reward(" " + right + "\n", q) == 1.0
+    assert tstar.toy_reward("02717" + right[5:], q) == 1.0                 # another free digit, its own check
+    assert tstar.toy_reward("62713" + right[5:], q) == 0.0                 # a wrong check digit
+    assert tstar.toy_reward("63712" + right[5:], q) == 0.0                 # a wrong substitution
+    assert tstar.toy_reward(right[:-1] + "4", q) == 0.0                    # the last group's check
+    assert tstar.toy_reward(right[:-2] + "1" + right[-1], q) == 0.0        # the last group's substitution
+    for wrong in (right[:-1], right + "0", right[:-1] + "x", ""):
+        assert tstar.toy_reward(wrong, q) == 0.0
+
+
+def test_toy_problems_are_answered_by_their_answer_and_the_splits_are_disjoint():
+    rng = random.Random(1)
+    for _ in range(50):
+        p = tstar.toy_problem(rng)
+        assert len(p["question"]) == 21 and tstar.toy_reward(p["answer"], p["question"]) == 1.0
+    splits = tstar.toy_splits(300, 40, seed=3)
+    train, test = set(splits["train"]["question"]), splits["test"]["question"]
+    assert len(splits["train"]) == 300 and len(test) == len(set(test)) == 40 and not train & set(test)
+    assert tstar.toy_splits(300, 40, seed=3)["train"]["question"] == splits["train"]["question"]
+
+
+def test_top_p_samples_only_inside_the_nucleus_and_renormalises_the_confidence():
+    """probabilities 0.5 / 0.3 / 0.15 / 0.05: top-p 0.7 and 0.5 keep the first two (a token is dropped when
+    the mass before it already exceeds p), 0.45 the first alone."""
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    for top_p, kept in ((0.7, 2), (0.5, 2), (0.45, 1), (1.0, 4)):
+        seen = set()
+        for seed in range(40):
+            cand, conf, logp = tstar.propose(logits, 1.0, 0, top_p, torch.Generator().manual_seed(seed))
+            c = cand.item()
+            seen.add(c)
+            assert conf.item() == pytest.approx(logits.exp()[0, c].item() / logits.exp()[0, :kept].sum().item(), rel=1e-5)
+            assert logp.item() == pytest.approx(logits[0, c].item(), rel=1e-5)          # the model's own log-prob
+        assert seen == set(range(kept)), (top_p, seen)
+
+
+def test_a_stop_token_in_the_prompt_stops_nothing_and_one_in_the_response_ends_it_there():
+    V, stop = 6, 5
+    table = torch.full((16, V), -20.0)
+    for pos in range(16):
+        table[pos, 1 + pos % 3] = 5.0 - 0.1 * pos
+    kw = dict(mask_id=0, stop_ids=[stop], block_size=4, steps=4, remasking="static", max_new_tokens=7,
+              kv_cache=False)
+    prompt = [1, 2, 3, 1, stop]                        # the prompt's last token shares the first block
+    g = tstar.generate(FixedLogits(table), [prompt], **kw)[0]
+    assert not g.stopped and g.n_tokens == 7 and len(g.ids) == 7 and stop not in g.ids
+    table[9, stop] = 9.0                               # response token 5 (position 9) is a stop token
+    g = tstar.generate(FixedLogits(table), [prompt], **kw)[0]
+    assert g.stopped and g.n_tokens == 5 and g.ids[4] == stop and len(g.ids) == 7    # the block is finished
+
+
+def test_block_diffusion_loss_is_sdars_formula_on_the_same_random_draws(monkeypatch):
+    """SDAR's loss recomputed beside tstar's from the same generator: responses padded with eos to the end of
+    their last block, p = (1 - eps) t + eps, each token masked with probability p (at least one), the masked
+    tokens' cross-entropy over p, summed, over the number of (padded) response tokens."""
+    B, eps, mask, eos = 4, 1e-3, 99, 0
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10, 11, 12])]
+    responses = [torch.tensor([20, 21, 22, 23, 24]), torch.tensor([30, 31])]
+    seen = {}
+
+    def known_logp(model, ids, pos, noisy, valid, rows, cols, labels, *a, **k):
+        seen.update(ids=ids, rows=rows, cols=cols, labels=labels)
+        return -(labels.float() + 1) / 100, None, None
+    monkeypatch.setattr(tstar, "forward_targets", known_logp)
+    loss = tstar.block_diffusion_loss(None, prompts, responses, B, mask, eos, torch.Generator().manual_seed(7), eps)
+    g, total, expected, labels = torch.Generator().manual_seed(7), 0, 0.0, []
+    for P, R in zip(prompts, responses):
+        L = B * math.ceil((len(P) + len(R)) / B) - len(P)
+        full = torch.cat([R, torch.full((L - len(R),), eos)])
+        p = (1 - eps) * torch.rand((), generator=g) + eps
+        u = torch.rand(L, generator=g)
+        masked = (u < p) | (u == u.min())
+        expected += float(((full[masked].float() + 1) / 100).sum() / p)
+        total += L
+        labels.append(full[masked])
+    assert torch.equal(seen["labels"], torch.cat(labels))
+    assert loss.item() == pytest.approx(expected / total, rel=1e-6)
+    assert (seen["ids"][seen["rows"], seen["cols"]] == mask).all()          # the noisy copy masks the targets
+
+
+def test_rollout_stats_are_ratios_of_sums_over_the_samples_hand_worked():
+    def gen(step_map, n_tokens, nfe, stopped, prompt_len):
+        return tstar.Generation(ids=[1] * len(step_map), step_map=step_map, logprobs=[0.0] * len(step_map), nfe=nfe,
+                                n_tokens=n_tokens, stopped=stopped, prompt_len=prompt_len, offset=0)
+    # B=4. Sample 1: prompt 2, response positions 2..5, of which 3 count (a stop at the third); in-block pairs
+    # of the counted tokens: (1,1) -> 1 of 1 (the pair (2,1) after the stop is not counted).
+    # Sample 2: prompt 0, cut by the limit at 5 tokens: pairs (1,3) (3,2) (2,4) -> 2 of 3.
+    gens = [gen([1, 1, 2, 1], 3, 2, True, 2), gen([1, 3, 2, 4, 5], 5, 5, False, 0)]
+    s = tstar.rollout_stats(gens, torch.tensor([1.0, 0.0]), 4)
+    assert s == pytest.approx(dict(accuracy=0.5, tpf=8 / 7, local_strict=3 / 4, length=4.0, nfe=3.5, clipped_ratio=0.5))
+
+
+def test_each_optimizer_step_follows_a_backward_and_a_clip_and_the_gradients_are_freed(every_token_stops):
+    """--minibatches 2: two optimizer steps, each on clipped gradients (norm <= --grad-clip) of the policy,
+    each followed by zero_grad; after the step no gradient is held (the rollouts need the memory)."""
+    events = []
+
+    class Spy(torch.optim.AdamW):
+        def step(self, closure=None):
+            policy = [p for p in self.param_groups[0]["params"] if p.grad is not None]
+            events.append(("step", float(torch.nn.utils.get_total_norm([p.grad for p in policy])), len(policy)))
+            return super().step(closure)
+
+        def zero_grad(self, set_to_none=True):
+            events.append(("zero",))
+            return super().zero_grad(set_to_none)
+    model, head, before, stats = one_rl_step(text_parity_reward, optimizer=Spy, minibatches=2, grad_clip=1e-3)
+    n_policy = len(list(model.parameters()))
+    assert [e[0] for e in events] == ["step", "zero", "step", "zero"]
+    assert all(0 < e[1] <= 1e-3 * (1 + 1e-4) and e[2] == n_policy for e in events if e[0] == "step")
+    assert stats["grad_norm"] > 1e-3                                      # (logged before clipping)
+    assert all(p.grad is None for p in [*model.parameters(), *head.parameters()])
