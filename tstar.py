@@ -13,6 +13,9 @@ Two commands:
     python tstar.py                                           # tiny model, toy task, CPU, a few minutes
     python tstar.py --model JetLM/SDAR-1.7B-Chat --device cuda   # the paper's setting on a GPU
 
+The file has two parts. Part I is T* itself, in the order the method runs; Part II, after a fence, is what
+it takes to run it for real (command line, SDAR checkpoints, math data, a fast sampler, many GPUs, files).
+
 Glossary (used in names and comments throughout):
     B         block size: tokens decoded together; bidirectional attention inside a block, causal across.
     K         denoising steps per block (the step budget; the threshold may finish a block sooner).
@@ -23,12 +26,13 @@ Glossary (used in names and comments throughout):
               keys and values is not counted).
     TPF       tokens per forward = response tokens / NFE, over a batch as a ratio of sums. "Response
               tokens" are the tokens up to and including the first stop token.
-    trace round  one training state rebuilt from the step map (section 7).
+    trace round  one training state rebuilt from the step map (section 5).
 
 Where this file departs from the papers (choices where they are silent, and simplifications), and why:
-    * Model: transformers' Qwen3ForCausalLM with a 4D block mask, not SDAR's remote code (flash-attn only).
-    * Tiny run: a character tokenizer and a toy task (section 3), so that the method runs on a laptop CPU.
-    * Tiny run: the "AR-initialised B=4 model" is a short block-diffusion SFT at B=4 (section 6), no AR stage.
+    * Model: transformers' Qwen3ForCausalLM with a 4D block mask, not SDAR's remote code (flash-attn only);
+      untied LM heads only, as SDAR's checkpoints have.
+    * Tiny run: a character tokenizer and a toy task (section 1), so that the method runs on a laptop CPU.
+    * Tiny run: the "AR-initialised B=4 model" is a short block-diffusion SFT at B=4 (section 4), no AR stage.
     * Sampler: a block with m < K masks takes m steps, so every step commits (SDAR may spend empty forwards).
     * Sampler: a finished block's keys and values ride along with the next block's first forward.
     * Sampler: confidence is the probability under the sampling distribution; the mask is never proposed.
@@ -40,13 +44,11 @@ Where this file departs from the papers (choices where they are silent, and simp
     * T*: shifted boundaries = offset B/2 for rollout and training of half of each stage's batches.
     * Direct baseline: as many stages and steps as T*, all at the last block size, fresh optimizers alike.
     * GPU: fp32 master weights, bf16 autocast; rollouts from a bf16 copy, so log-probs differ by rounding.
-    * LocalStrict: the paper gives no formula; here, in-block adjacent pairs decoded in order (section 9).
+    * LocalStrict: the paper gives no formula; here, in-block adjacent pairs decoded in order (section 7).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import contextlib
 import dataclasses
 import functools
@@ -54,14 +56,10 @@ import inspect
 import json
 import math
 import os
-import multiprocessing
 import random
 import re
 import sys
-import textwrap
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -70,32 +68,998 @@ import numpy as np
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS (read at CUDA start)
 import torch  # noqa: E402
-import torch.nn.functional as F
-from tqdm.auto import tqdm
+import torch.nn.functional as F  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+
+# ######################################################################################################
+# PART I: T*
+# ######################################################################################################
+# Ten sections in the order the method runs: the toy task, block attention, the sampler, the warm start,
+# trace rounds, the TraceRL loss, metrics, the RL step, the curriculum, evaluation. Part I uses a few names
+# of Part II, each a piece a reader can take on trust:
+#     Config                   every setting (cfg.lr, cfg.group_size, ...), one dataclass field each
+#     hidden_states            the model's final hidden states under an explicit 4D attention mask
+#     Decoder                  the forward passes the sampler steps: an in-place KV cache (CUDA graphs)
+#     Engine                   what rollouts and evaluation sample from: the policy or its bf16 copy,
+#                              in batches of rows (Engine.generate runs generate below)
+#     autocast                 forward passes in the compute dtype (bf16 on a GPU)
+#     world, is_main, dist_sum, dist_max
+#                              (rank, processes); rank 0; a number summed / maxed over the processes
+#     as_many_everywhere, idle_forward, clip_grad_norm
+#                              FSDP's rules: as many forwards on every process; the gradient norm
+#     Recorder                 what a run keeps: metrics.jsonl, the console, plots, stage checkpoints
+# On one process (the CPU default) the process helpers are the identity, and the Engine is the policy.
+
+
+# ======================================================================================================
+# 1. The toy task
+# ======================================================================================================
+# The tiny model's task must be verifiable, have responses of 20-60 tokens, and make large blocks genuinely hard
+# for a model trained at B=4. A problem is four groups of five characters:
+#     question "?604??764??593??242?="      one valid answer "62712852137869580103"
+# In each group of the answer, the first digit is free (any digit), the next three are the question's digits
+# passed through a fixed substitution (TOY_NEXT: 0->7, 1->4, ...), and the fifth is a check digit: the
+# substitution of the group's free digit. The reward is 1 if the answer follows every rule. The translated
+# digits can all be decoded in parallel. A check digit depends on a free choice made 4 tokens earlier: at B=4
+# that choice is always in an earlier, finished block, but at B >= 8 both can sit masked in the same block,
+# and committing the check first is a guess that fails 9 times in 10. A B=4 model has never seen that
+# situation, so at B=8..32 it fails often and at random (the free digit is sampled), which gives RL a signal.
+# Several valid answers per question also make the rollouts of a group differ, as a language model's do.
+# (The paper's task, math with a \boxed{} answer, is in Part II, section 13.)
+
+
+TOY_GROUPS = 4                                  # groups of five digits in the answer
+TOY_NEXT = (7, 4, 0, 9, 1, 8, 2, 5, 3, 6)       # digit substitution
+
+
+def toy_problem(rng: random.Random) -> dict:
+    q, a = [], []
+    for _ in range(TOY_GROUPS):
+        free = rng.randrange(10)
+        digits = [rng.randrange(10) for _ in range(3)]
+        q.append("?" + "".join(map(str, digits)) + "?")
+        a.append(str(free) + "".join(str(TOY_NEXT[d]) for d in digits) + str(TOY_NEXT[free]))
+    return {"question": "".join(q) + "=", "answer": "".join(a)}
+
+
+def toy_reward(response: str, question: str) -> float:
+    """1.0 if the response follows every rule of the question (see above), else 0.0."""
+    q, r = question.rstrip("="), response.strip()
+    if len(r) != len(q) or not r.isdigit():
+        return 0.0
+    for k in range(0, len(q), 5):
+        g, x = q[k:k + 5], [int(c) for c in r[k:k + 5]]
+        if any(x[j] != TOY_NEXT[int(g[j])] for j in (1, 2, 3)) or x[4] != TOY_NEXT[x[0]]:
+            return 0.0
+    return 1.0
+
+
+# ======================================================================================================
+# 2. Block attention
+# ======================================================================================================
+# Blocks are cut at absolute positions offset + k*B (SDAR's convention is offset 0; T*'s shifted boundaries use
+# offset B/2). With offset > 0 the first block [0, offset) is shorter. Block index of position p:
+# b(p) = floor((p - offset) / B).
+#
+# One mask builder serves the sampler, the warm start and the trainer. Every token is either clean (a
+# finalized token) or noisy (a token of the block being denoised, some of them masks). Rules:
+#     clean query i may see clean key j  iff  b(j) <= b(i)                 (block-causal)
+#     noisy query i may see clean key j  iff  b(j) <  b(i)                 (finished blocks before it)
+#                       and noisy key j  iff  b(j) == b(i)                 (its own block, bidirectional)
+# Padding keys are never seen; a padding query sees only itself (a query that may see nothing is a NaN source
+# on some attention kernels). The sampler's current block is the noisy part and its KV cache the clean part;
+# training sequences are [clean sequence | noisy copy of the response blocks].
+
+
+def block_index(pos, block_size: int, offset: int = 0):
+    """b(p) = floor((p - offset) / B); works on ints and on integer tensors."""
+    return (pos - offset) // block_size
+
+
+def block_start(p: int, block_size: int, offset: int = 0) -> int:
+    """First position of the block that holds position p (0 for the short first block when offset > 0)."""
+    return max(0, offset + block_index(p, block_size, offset) * block_size)
+
+
+def response_blocks(prompt_len: int, n: int, block_size: int, offset: int = 0) -> torch.Tensor:
+    """(n,) the block index of each of the first n response tokens (response token i sits at position P + i)."""
+    return block_index(prompt_len + torch.arange(n), block_size, offset)
+
+
+def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: int, offset: int = 0,
+                         q_start: int | None = None):
+    """Boolean attention mask (batch, 1, Lq, Lk), True = may attend.
+
+    q_pos, q_noisy: (batch, Lq) positions and noisy flags of the queries, which are the keys
+    q_start .. q_start + Lq - 1 (default: the last Lq keys).
+    k_pos, k_noisy, k_valid: (batch, Lk) positions, noisy flags and real-token flags of the keys."""
+    bq = block_index(q_pos, block_size, offset)[:, :, None]                 # (batch, Lq, 1)
+    bk = block_index(k_pos, block_size, offset)[:, None, :]                 # (batch, 1, Lk)
+    kn = k_noisy[:, None, :]                                                # (batch, 1, Lk)
+    sees_clean_query = ~kn & (bk <= bq)
+    sees_noisy_query = (~kn & (bk < bq)) | (kn & (bk == bq))
+    allow = torch.where(q_noisy[:, :, None], sees_noisy_query, sees_clean_query) & k_valid[:, None, :]
+    Lq, Lk = q_pos.shape[1], k_pos.shape[1]
+    q_start = Lk - Lq if q_start is None else q_start
+    arange = torch.arange(Lk, device=allow.device)
+    itself = arange[None, :] == arange[q_start: q_start + Lq, None]        # (Lq, Lk) query i is key q_start+i
+    q_real = k_valid[:, q_start: q_start + Lq, None]                        # (batch, Lq, 1)
+    return ((allow & q_real) | (~q_real & itself))[:, None]                 # (batch, 1, Lq, Lk)
+
+
+# ======================================================================================================
+# 3. The sampler
+# ======================================================================================================
+# Blockwise masked-diffusion decoding, the protocol of SDAR's generate.py (SDAR, arXiv 2510.06303):
+#   * Blocks are aligned at absolute position `offset` (prompt included). The prompt's whole blocks are
+#     prefilled once into the KV cache; the prompt's tail shares the first decoded block with masks.
+#   * Each block starts fully masked and gets up to K steps. Each step is one forward of the block
+#     (queries = block, keys = cache + block), a candidate token and a confidence for every masked
+#     position, and a commit of some positions:
+#         static   the step's quota n_s of most confident positions,
+#         dynamic  every position with confidence > tau, or the n_s most confident if fewer pass,
+#         ass      2^s positions at step s, the rest at the last step (below).
+#   * A finished block's keys and values must be cached, clean. SDAR spends one extra forward on that;
+#     here the first step of the next block carries it: its queries are [finished block, clean | new
+#     block, all masks], and under the block mask (section 2) the clean half sees exactly what a separate
+#     store pass would see. Same attention, one forward fewer per block, not counted in NFE either way.
+#   * A row stops after the block in which it produced a stop id, or after the block that reaches the
+#     length limit. Like SDAR, that last block is decoded whole (B masks), then the response is cut at
+#     --max-new-tokens for rewards and metrics; the tokens past the cut were decoded, so they stay in
+#     the trajectory and are trained like the tokens after a stop token.
+#
+# Two schedules of the CJ-GRPO paper (arXiv 2509.23924) plug into the same loop:
+#   * ASS (--remasking ass): a block with m masked positions takes ceil(log2 m) steps; step s commits the
+#     2^s most confident positions and the last step all that remain (B=8: 1, 2, 5). K is not used.
+#   * EOSER (--eoser): at step s of the n steps a block plans, the confidence of every candidate that is a
+#     stop token is multiplied by g_s = g_min + (g_max - g_min) s / (n - 1), so the end of the answer is
+#     committed late. It changes which positions are committed, never the sampled tokens.
+#
+# Rows of different prompt lengths share a batch by left padding into one frame (padded_frame): row i is
+# shifted right by pad_i so that every row's first decoded block starts at the same column D, which keeps
+# the block boundaries of all rows aligned. All per-token decisions are tensor ops over (rows, B); Python
+# loops run over blocks and steps only. The forward passes belong to the Decoder (Part II): it keeps the
+# keys and values in buffers written in place, and moves the live rows to the front when half are done.
+
+
+@dataclass
+class Generation:
+    """One sampled response. `ids` is the whole decoded trajectory: every response position the sampler
+    filled, through the end of the last decoded block (after a stop token, or past the length limit, the
+    block was still filled)."""
+    ids: list[int]
+    step_map: list[int]      # per token of ids: the row's denoising step (1..nfe) that finalized it
+    logprobs: list[float]    # per token of ids: log-prob the sampler's model gave it at that step
+    nfe: int                 # denoising forwards this row took part in
+    n_tokens: int            # the response: through the first stop token, at most max_new_tokens
+    stopped: bool            # a stop token within max_new_tokens (False: truncated by the length limit)
+    prompt_len: int
+    offset: int
+
+
+def step_quotas(m: torch.Tensor, K: int, remasking: str) -> torch.Tensor:
+    """Tokens to commit at each step of a block with m masked positions: (rows,) -> (rows, steps).
+
+    static/dynamic: m split over K' = min(K, m) steps, m // K' each and the remainder one each over the
+    first steps (every step commits at least one token).  ass: 1, 2, 4, ... and the remainder at the last
+    of ceil(log2 m) steps (B=8: 1, 2, 5)."""
+    m = m.long()
+    if remasking == "ass":
+        n_steps = torch.ceil(torch.log2(m.clamp(min=1).double())).long().clamp(min=1)   # (rows,)
+        s = torch.arange(int(n_steps.max()), device=m.device)[None, :]                  # (1, steps)
+        doubling = 2 ** s
+        last = m[:, None] - (2 ** (n_steps[:, None] - 1) - 1)                           # remainder
+        quota = torch.where(s < n_steps[:, None] - 1, doubling, last)
+        return torch.where(s < n_steps[:, None], quota, 0)
+    n_steps = m.clamp(min=1, max=K)                                                      # (rows,)
+    s = torch.arange(K, device=m.device)[None, :]                                        # (1, K)
+    quota = (m // n_steps)[:, None] + (s < (m % n_steps)[:, None]).long()
+    return torch.where(s < n_steps[:, None], quota, 0)
+
+
+def propose(logits, temperature: float, top_k: int, top_p: float, generator=None, mask_id: int | None = None):
+    """A candidate token, its confidence and its log-prob for each masked position.
+
+    logits: (M, V). Greedy (temperature 0): candidate = argmax, confidence = softmax(logits)[argmax].
+    Otherwise the candidate is sampled from softmax(logits / T) restricted by top-k / top-p, and the
+    confidence is its probability under that distribution. The mask token is never a candidate. The
+    log-prob is under the model's own full distribution: the quantity the trainer recomputes."""
+    logits = logits.float()
+    logp_model = logits.log_softmax(-1)                                       # (M, V)
+    if mask_id is not None:
+        logits = logits.index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
+    if temperature == 0:
+        cand = logits.argmax(-1)                                              # (M,)
+        conf = logits.log_softmax(-1).gather(1, cand[:, None]).squeeze(1).exp()
+    else:
+        z = logits / temperature
+        if top_k > 0:
+            kth = z.topk(min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
+            z = z.masked_fill(z < kth, float("-inf"))
+        if top_p < 1.0:
+            sorted_z, order = z.sort(dim=-1, descending=True)
+            p_sorted = sorted_z.softmax(-1)
+            drop = p_sorted.cumsum(-1) - p_sorted > top_p                     # mass before it already > p
+            z = z.scatter(1, order, sorted_z.masked_fill(drop, float("-inf")))
+        probs = z.softmax(-1)
+        cand = torch.multinomial(probs, 1, generator=generator).squeeze(1)     # (M,)
+        conf = probs.gather(1, cand[:, None]).squeeze(1)
+    return cand, conf, logp_model.gather(1, cand[:, None]).squeeze(1)
+
+
+def choose_commits(todo, conf, quota, remasking: str, threshold: float):
+    """Which masked positions a step commits. todo: (n, B) still masked; conf: (M,) the confidence of
+    each masked position (row-major over todo); quota: (n,) the step's n_s. Returns (n, B) bool:
+    static the n_s most confident; dynamic every position with conf > tau, or the n_s most confident
+    if fewer pass (ties broken by position)."""
+    score = torch.full(todo.shape, float("-inf"), device=todo.device)
+    score[todo] = conf                                                        # (n, B)
+    n_commit = quota
+    if remasking == "dynamic":
+        n_commit = torch.maximum(n_commit, (score > threshold).sum(1))
+    n_commit = torch.minimum(n_commit, todo.sum(1))
+    order = score.sort(dim=1, descending=True, stable=True).indices          # (n, B) most confident first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(todo.shape[1], device=todo.device).expand_as(order))
+    return todo & (rank < n_commit[:, None])                                  # rank: 0 = the most confident
+
+
+def eoser_factor(s: int, n_steps: torch.Tensor, g_min: float, g_max: float) -> torch.Tensor:
+    """EOSER's g_s = g_min + (g_max - g_min) s / (n - 1) for each row's n planned steps; g_max if n = 1."""
+    frac = s / (n_steps - 1).clamp(min=1)
+    return torch.where(n_steps > 1, g_min + (g_max - g_min) * frac, g_max)
+
+
+def generation_of(frame: Frame, i: int, c_end: int, stops, max_new_tokens: int, prompt_len: int, offset: int):
+    """Row i of the frame, decoded through column c_end, as a Generation: the response runs through its first
+    stop token, and at most max_new_tokens (a response without a stop token in them was truncated)."""
+    r = frame.is_resp[i, :c_end]
+    ids = frame.x[i, :c_end][r]
+    hit = torch.isin(ids[:max_new_tokens], stops).nonzero()
+    return Generation(ids=ids.tolist(), step_map=frame.step_map[i, :c_end][r].tolist(),
+                      logprobs=frame.logp[i, :c_end][r].tolist(), nfe=int(frame.nfe[i]),
+                      n_tokens=int(hit[0]) + 1 if len(hit) else min(len(ids), max_new_tokens), stopped=bool(len(hit)),
+                      prompt_len=prompt_len, offset=offset)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids: Sequence[int] = (),
+             block_size: int = 4, steps: int | None = None, remasking: str = "dynamic", threshold: float = 0.9,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64,
+             offset: int = 0, eoser: tuple[float, float] | None = None, generator=None,
+             kv_cache: bool = True, decoder: Decoder | None = None) -> list[Generation]:
+    """Decode a response for every prompt (lists of token ids); one Generation per prompt, in order.
+
+    block_size B, steps K (default B), remasking static/dynamic/ass, threshold tau, offset of the block
+    boundaries (0 <= offset < B), eoser = (gamma_min, gamma_max) to scale stop-token confidences (EOSER).
+    `decoder` reuses one Decoder (its cache and CUDA graphs) over several calls; by default each call
+    makes its own. kv_cache=False recomputes the whole sequence at every step (for checks)."""
+    B, K = block_size, steps or block_size
+    if not 0 <= offset < B or remasking not in ("static", "dynamic", "ass"):
+        raise ValueError(f"offset must be in [0, {B}) and remasking static, dynamic or ass; got {offset}, {remasking}")
+    was_training = model.training
+    model.eval()                       # (training mode with gradient checkpointing would disable the cache)
+    dev = next(model.parameters()).device
+    N = len(prompts)
+    rows = decoder.rows_for(N) if decoder else N          # (CUDA graphs: a fixed number of rows, padded)
+    frame = padded_frame(list(prompts) + [prompts[0]] * (rows - N), B, offset, max_new_tokens,
+                         decoder.width if decoder else 0, stop_ids[0] if stop_ids else mask_id, dev)
+    frame.live[N:] = False
+    decoder = decoder or Decoder(model, rows, frame.x.shape[1], kv_cache)
+    decoder.start(frame, B, offset)                                           # prefill the prompts' whole blocks
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+    results: list[Generation | None] = [None] * N
+
+    for c in range(frame.D, int(frame.end.max()), B):                         # block by block: columns c..c+B-1
+        todo = frame.is_resp[:, c: c + B] & frame.live[:, None]               # (n, B) still masked
+        xb = torch.where(todo, mask_id, frame.x[:, c: c + B])                 # (n, B)
+        quotas = step_quotas(todo.sum(1), K, remasking)                       # (n, steps)
+        n_steps = (quotas > 0).sum(1)                                         # (n,) steps this block plans
+        for s in range(quotas.shape[1]):
+            if not todo.any():
+                break
+            h = decoder.step(frame, xb, c, store_previous=s == 0 and c > frame.D)   # (n, B, H)
+            frame.nfe += todo.any(1)
+            cand, conf, logp = propose(model.lm_head(h[todo]), temperature, top_k, top_p, generator, mask_id)
+            if eoser is not None:      # EOSER: stop-token confidence x g_s, rising to g_max
+                g = eoser_factor(s, n_steps, *eoser)[todo.nonzero()[:, 0]]     # (M,) each position's row
+                conf = torch.where(torch.isin(cand, stops), conf * g, conf)
+            commit = choose_commits(todo, conf, quotas[:, s], remasking, threshold)   # (n, B)
+            tok, lp = torch.zeros_like(xb), torch.zeros(todo.shape, device=dev)
+            tok[todo], lp[todo] = cand, logp
+            xb = torch.where(commit, tok, xb)
+            frame.step_map[:, c: c + B] = torch.where(commit, frame.nfe[:, None], frame.step_map[:, c: c + B])
+            frame.logp[:, c: c + B] = torch.where(commit, lp, frame.logp[:, c: c + B])
+            todo &= ~commit
+        frame.x[:, c: c + B] = xb
+        # rows with a stop token in this block, or at their last block, are done
+        done = frame.live & ((torch.isin(xb, stops) & frame.is_resp[:, c: c + B]).any(1) | (frame.end <= c + B))
+        for i in done.nonzero()[:, 0].tolist():
+            j = int(frame.index[i])
+            results[j] = generation_of(frame, i, c + B, stops, max_new_tokens, len(prompts[j]), offset)
+        frame.live &= ~done
+        if not frame.live.any():
+            break
+        frame = decoder.compact(frame)               # (when half the rows are done: the live ones to the front)
+    model.train(was_training)
+    return results
+
+
+def response_text(tokenizer, g: Generation) -> str:
+    """The response as text: tokens through the first stop (at most max_new_tokens), special tokens removed."""
+    return tokenizer.decode(g.ids[: g.n_tokens], skip_special_tokens=True)
+
+
+# ======================================================================================================
+# 4. Warm start: block-diffusion SFT (SDAR's loss)
+# ======================================================================================================
+# Training sequences use one layout for the warm start and for TraceRL (section 5):
+#     [ prompt | clean response | noisy copy of the response's blocks ]
+# with positions repeated for the noisy copy. The noisy copy starts at the first position of the block
+# holding the first response token, so it carries the prompt's tail unmasked, exactly as the sampler's
+# first block does. Under block_attention_mask a noisy block sees the clean blocks before it and itself,
+# which is what the sampler's forward saw: the trainer reproduces the sampler's logits.
+#
+# SDAR's loss (arXiv 2510.06303): per sample t ~ U(0, 1), p = (1 - eps) t + eps; every response token is masked
+# with probability p; the loss is the cross-entropy of the masked tokens divided by p, averaged over response
+# tokens. The tiny model's warm start stands in for SDAR's "AR-initialised small-block model".
+
+
+def diffusion_layout(prompt, response, masked, block_size: int, offset: int, mask_id: int):
+    """R training sequences of one sample, one per noisy version of its response.
+
+    prompt (P,), response (L,) long; masked (R, L) bool, True where the noisy copy shows a mask.
+    Returns ids, pos, noisy (R, T) and col (L,), the column of response token i's noisy copy."""
+    P, L, R = len(prompt), len(response), masked.shape[0]
+    b0 = block_start(P, block_size, offset)
+    clean = torch.cat([prompt, response, prompt[b0:]])                           # (P + L + P - b0,)
+    ids = torch.cat([clean.expand(R, -1), torch.where(masked, mask_id, response)], 1)   # (R, T)
+    pos = torch.cat([torch.arange(P + L), torch.arange(b0, P + L)]).to(prompt.device)
+    noisy = torch.arange(len(pos), device=prompt.device) >= P + L
+    col = P + L + (P - b0) + torch.arange(L, device=prompt.device)
+    return ids, pos.expand(R, -1), noisy.expand(R, -1), col
+
+
+def pad_rows(ids, pos, noisy, pad_id: int):
+    """Right-pad lists of 1-D row tensors into (n, T) tensors plus the real-token mask."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    valid = pad_sequence([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in ids], batch_first=True)
+    return (pad_sequence(list(ids), batch_first=True, padding_value=pad_id),
+            pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
+
+
+def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_size: int, offset: int,
+                    value_head=None, entropy: bool = False):
+    """log p(label) at (rows, cols) of a padded batch of training sequences, and optionally the value
+    head's estimate there and the entropy of the model's distribution there (for the log).
+    ids/pos/noisy/valid: (n, T); rows, cols, labels: (M,). Returns logp, values, entropy: (M,) or None."""
+    mask = block_attention_mask(pos, noisy, pos, noisy, valid, block_size, offset)    # (n, 1, T, T)
+    h = hidden_states(model, ids, pos, mask)[rows, cols]                                # (M, H)
+    logits = model.lm_head(h).float()                                                   # (M, V)
+    logp = -F.cross_entropy(logits, labels, reduction="none")                           # (M,)
+    values = ent = None
+    if value_head is not None:                  # fp32: autocast would run the Linear in bf16 whatever its input
+        with torch.autocast(h.device.type, enabled=False):
+            values = value_head(h.detach().float()).squeeze(-1)
+    if entropy:                                                                         # H = -sum_v p log p
+        logp_all = logits.detach().log_softmax(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, values, ent
+
+
+def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: int, pad_id: int,
+                         generator=None, eps: float = 1e-3):
+    """SDAR's loss on a batch of (prompt, response) id tensors, blocks at offset 0.
+
+    Each response is padded with eos to the end of its last block (the pads are targets: the model learns
+    to finish a block with eos). Per sample t ~ U(0,1), p = (1 - eps) t + eps; every response token is
+    masked with probability p (at least one). Loss = sum over masked tokens of CE / p, divided by the
+    number of response tokens in the batch."""
+    dev = prompts[0].device
+    rows, pieces, weights, total = [], [], [], 0
+    for j, (prompt, response) in enumerate(zip(prompts, responses)):
+        P = len(prompt)
+        padded_len = block_size * math.ceil((P + len(response)) / block_size) - P
+        response = torch.cat([response, response.new_full((padded_len - len(response),), pad_id)])
+        p = (1 - eps) * torch.rand((), generator=generator) + eps
+        u = torch.rand(padded_len, generator=generator)
+        masked = ((u < p) | (u == u.min())).to(dev)                                   # (L,)
+        ids, pos, noisy, col = diffusion_layout(prompt, response, masked[None], block_size, 0, mask_id)
+        pieces.append((ids[0], pos[0], noisy[0], col[masked], response[masked]))
+        weights.append(torch.full((int(masked.sum()),), 1.0 / float(p)))
+        rows.append(torch.full((int(masked.sum()),), j))
+        total += padded_len
+    ids, pos, noisy, valid = pad_rows(*zip(*[(a, b, c) for a, b, c, _, _ in pieces]), pad_id=pad_id)
+    logp, _, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev),
+                                 torch.cat([p[3] for p in pieces]), torch.cat([p[4] for p in pieces]),
+                                 block_size, 0)
+    return -(logp * torch.cat(weights).to(dev)).sum() / total
+
+
+def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
+    """Block-diffusion SFT of a freshly initialised model on the toy train split, at cfg.base_block_size.
+    Stands in for SDAR's "AR-initialised small-block model". Returns the loss of every step."""
+    B = cfg.base_block_size
+    prompts = [torch.tensor(tokenizer.encode(q), dtype=torch.long, device=device) for q in problems["question"]]
+    answers = [torch.tensor(tokenizer.encode(a) + [tokenizer.eos_token_id], device=device)
+               for a in problems["answer"]]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    # lr = peak x min(1, (s+1)/warmup) x (0.1 + 0.9 (1 + cos(pi s/T)) / 2): a linear warm-up times a cosine
+    # decay to 10%, both from step 0. (transformers' get_cosine_with_min_lr_schedule_with_warmup starts the
+    # cosine after the warm-up: another schedule, and other warm starts than the README's.)
+    warmup = max(1, cfg.warm_start_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.warm_start_steps)))))
+    gen = torch.Generator().manual_seed(seed_for(cfg.seed))
+    model.train()
+    losses = []
+    bar = tqdm(range(cfg.warm_start_steps), desc=f"warm start (B={B})", disable=not is_main(), mininterval=10)
+    for _ in bar:
+        pick = torch.randint(len(prompts), (cfg.warm_start_batch,), generator=gen).tolist()
+        loss = block_diffusion_loss(model, [prompts[i] for i in pick], [answers[i] for i in pick], B,
+                                    tokenizer.mask_token_id, tokenizer.eos_token_id, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
+    return losses
+
+
+# ======================================================================================================
+# 5. Trace rounds (TraceRL, arXiv 2509.06949)
+# ======================================================================================================
+# The rollout recorded, for every response token, the step at which it was finalized. Training rebuilds
+# the states the sampler actually visited. Inside each block, sort the block's distinct step ids; round r
+# takes the r-th of them in every block at once:
+#     targets  the tokens finalized at that step,
+#     masked   every token of the block finalized at that step or later (earlier ones stay visible).
+# Blocks that have run out of steps are fully visible in later rounds. Example, B=4 (P target, M masked,
+# . visible), step map [1,1,2,1 | 3,5,4,6 | 7,7,7,7]:
+#     round 1  PPMP PMMM PPPP     round 2  ..P. .MPM ....     round 3  .... .P.M ....     round 4  .... ...P ....
+# (block 2's steps are 3, 4, 5, 6: in round 1 step 3 is the target and the rest masked, and so on.) shrink s
+# merges each run of s consecutive distinct steps of a block into one round: its targets are predicted
+# together from the state before the run (s = 1 reproduces the trajectory exactly).
+
+
+def trace_rounds(step_map: Sequence[int], block_size: int, offset: int = 0, prompt_len: int = 0,
+                 shrink: int = 1):
+    """Step map of one response -> (targets, masked), two (rounds, L) bool tensors (see above)."""
+    L, rnd, i = len(step_map), [], 0
+    while i < L:                                 # block by block: tokens i .. end-1 of the response
+        end = min(L, offset + (block_index(prompt_len + i, block_size, offset) + 1) * block_size - prompt_len)
+        steps = list(step_map[i:end])
+        order = sorted(set(steps))               # the block's distinct steps, in order
+        rnd += [order.index(t) // shrink for t in steps]     # the r-th of them is round r (with shrink: r // s)
+        i = end
+    rnd = torch.tensor(rnd)                                                            # (L,)
+    rounds = torch.arange(int(rnd.max()) + 1)[:, None]                                 # (R, 1)
+    return rnd[None, :] == rounds, rnd[None, :] >= rounds
+
+
+@dataclass
+class TraceBatch:
+    """Training sequences of a rollout batch, one per (sample, round), and their targets.
+
+    Target arrays are flat over the whole batch and ordered by sequence: the targets of sequence k are
+    ptr[k]:ptr[k+1]."""
+    ids: list                    # per sequence: (T,) tokens of [prompt | clean response | noisy copy]
+    pos: list                    # per sequence: (T,) positions
+    noisy: list                  # per sequence: (T,) noisy flags
+    ptr: torch.Tensor            # (n_seq + 1,)
+    col: torch.Tensor            # (M,) column of the target in its sequence
+    label: torch.Tensor          # (M,) target token
+    sample: torch.Tensor         # (M,) which rollout sample
+    token: torch.Tensor          # (M,) index of the token in its response
+    round: torch.Tensor          # (M,) trace round (0-based)
+    step: torch.Tensor           # (M,) denoising step at which the sampler committed the target
+    sampler_logp: torch.Tensor   # (M,) log-prob the sampler saw
+
+
+def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int], block_size: int, offset: int,
+                      shrink: int, mask_id: int) -> TraceBatch:
+    """Trace rounds of the chosen samples laid out for training. The layout uses the rollout's own offset,
+    so every noisy block sees exactly what the sampler saw when it committed the targets."""
+    ids, pos, noisy, cols, labels, sample, token, rnds, steps, lps, counts = [], [], [], [], [], [], [], [], [], [], []
+    for j in samples:
+        g = gens[j]
+        response = torch.tensor(g.ids, dtype=torch.long)
+        targets, masked = trace_rounds(g.step_map, block_size, offset, g.prompt_len, shrink)    # (R, L)
+        r_ids, r_pos, r_noisy, col = diffusion_layout(torch.tensor(prompts[j], dtype=torch.long), response, masked,
+                                                      block_size, offset, mask_id)
+        ids += list(r_ids)
+        pos += list(r_pos)
+        noisy += list(r_noisy)
+        rnd, i = targets.nonzero(as_tuple=True)                                   # (round, token) pairs, row-major
+        counts.append(targets.sum(1))
+        cols.append(col[i])
+        labels.append(response[i])
+        sample.append(torch.full_like(i, j))
+        token.append(i)
+        rnds.append(rnd)
+        steps.append(torch.tensor(g.step_map)[i])
+        lps.append(torch.tensor(g.logprobs)[i])
+    counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+    cat = lambda xs, dtype=torch.long: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
+    return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
+                      cat(cols), cat(labels), cat(sample), cat(token), cat(rnds), cat(steps), cat(lps, torch.float))
+
+
+# ======================================================================================================
+# 6. TraceRL loss, value head and GAE (TraceRL, arXiv 2509.06949)
+# ======================================================================================================
+# Rewards to advantages. Each prompt has G samples with 0/1 rewards r. Prompts whose samples all agree
+# (reward variance 0) carry no signal and are dropped, as are prompts whose accuracy lies outside
+# --acc-band (TraceRL keeps [0.2, 0.8]). Per kept group:
+#     gae    (TraceRL)   z = (r - mean) / std, placed on the tokens of the last denoising step, then GAE
+#     group  (CJ-GRPO)   A = r - mean on every token, no value head
+#
+# The value head is a linear layer on the policy's final hidden states, read at the same noisy positions
+# as the targets. Its input is detached: value gradients do not reach the trunk. TraceRL trains a
+# separate value model; sharing the trunk would let a fresh, noisy value loss move the policy's weights
+# at a learning rate chosen for the policy, so we keep them apart and give the head its own (larger)
+# learning rate. The price: the value is a linear probe of features learned for the policy.
+#
+# GAE over denoising steps. For one sample, t runs over its distinct steps in chronological order (all
+# blocks together). With per-step means r*_t and V*_t of the token rewards and values finalized at t,
+#     delta_t = r*_t - V*_t + gamma V*_{t+1}           A*_t = delta_t + gamma lambda A*_{t+1}
+#     A_i = r_i - V_i + gamma V*_{t+1} + gamma lambda A*_{t+1}        R_i = r_i + gamma R*_{t+1}
+# for token i finalized at t (the values after the last step are 0). With gamma = lambda = 1 this is
+# A_i = R - V_i: the outcome minus the token's own value.
+#
+# Policy loss per target token (PPO clip, k3 KL to the pre-update policy):
+#     rho = exp(logp - logp_old)      L_i = -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta (e^d - 1 - d),
+#     d = logp_old - logp.
+# Normalisation: TraceRL (gae) averages over all target tokens of the minibatch (not a padded length);
+# CJ-GRPO (group) averages within each trace round, then over the rounds of a sample, then over samples.
+# Value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2), averaged over tokens.
+
+
+def group_advantages(rewards: torch.Tensor, mode: str = "gae", band: tuple[float, float] = (0.0, 1.0)):
+    """rewards (prompts, G) -> (advantages, keep), both (prompts, G). Dropped groups get advantage 0."""
+    mean = rewards.mean(1, keepdim=True)
+    std = rewards.std(1, unbiased=False, keepdim=True)
+    keep = (std > 0) & (mean >= band[0]) & (mean <= band[1])
+    adv = (rewards - mean) / std.clamp(min=1e-8) if mode == "gae" else rewards - mean
+    keep = keep.expand_as(rewards)
+    return torch.where(keep, adv, 0.0), keep
+
+
+def gae_over_steps(rewards, values, step_map, gamma: float = 1.0, lam: float = 1.0):
+    """Per-token advantages and returns by GAE over denoising steps (equations above).
+
+    rewards, values: (N, L) float; step_map: (N, L) long, the step of each token, 0 for padding. 1-D
+    inputs are one sample. Returns (advantages, returns) shaped like rewards (0 at padding)."""
+    one = rewards.dim() == 1
+    if one:
+        rewards, values, step_map = rewards[None], values[None], step_map[None]
+    N, T = rewards.shape[0], int(step_map.max())
+    zeros = torch.zeros(N, T + 1, dtype=rewards.dtype, device=rewards.device)
+    count = zeros.scatter_add(1, step_map, torch.ones_like(rewards))                 # (N, T+1); slot 0 = padding
+    r_star = zeros.scatter_add(1, step_map, rewards) / count.clamp(min=1)            # per-step means
+    v_star = zeros.scatter_add(1, step_map, values) / count.clamp(min=1)
+    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    next_v, next_a, next_r = (torch.zeros(N, 1, dtype=rewards.dtype, device=rewards.device) for _ in range(3))
+    for t in range(T, 0, -1):                       # backwards over steps; the same for every sample
+        at = step_map == t                                                           # (N, L)
+        adv = torch.where(at, rewards - values + gamma * next_v + gamma * lam * next_a, adv)
+        ret = torch.where(at, rewards + gamma * next_r, ret)
+        has = count[:, t: t + 1] > 0                # a sample whose step t exists moves its "next"
+        a_t = r_star[:, t: t + 1] - v_star[:, t: t + 1] + gamma * next_v + gamma * lam * next_a
+        next_r = torch.where(has, r_star[:, t: t + 1] + gamma * next_r, next_r)
+        next_a = torch.where(has, a_t, next_a)
+        next_v = torch.where(has, v_star[:, t: t + 1], next_v)
+    return (adv[0], ret[0]) if one else (adv, ret)
+
+
+def token_advantages(outcome, sample, token, step, values, gamma: float = 1.0, lam: float = 1.0):
+    """Per-target advantages and returns of TraceRL (equations above), for the targets of S samples.
+
+    outcome: (S,) each sample's z-scored reward; sample, token, step, values: (M,) per target its sample
+    (0..S-1), its index in the response, the denoising step that committed it, and V_old. The outcome is
+    the reward of the tokens of the sample's last step; every other token's reward is 0. Returns (M,), (M,)."""
+    steps = torch.zeros(len(outcome), int(token.max()) + 1, dtype=torch.long)     # (S, L) step maps, 0 = none
+    steps[sample, token] = step
+    v = torch.zeros(steps.shape)
+    v[sample, token] = values
+    last = steps.max(1, keepdim=True).values                                    # (S, 1) each sample's final step
+    reward = torch.where(steps == last, outcome[:, None].float(), 0.0)            # (S, L)
+    adv, ret = gae_over_steps(reward, v, steps, gamma, lam)
+    return adv[sample, token], ret[sample, token]
+
+
+def ppo_token_loss(logp, logp_old, adv, clip_eps: float, beta: float):
+    """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,)."""
+    ratio = torch.exp(logp - logp_old)
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+    d = logp_old - logp
+    kl = torch.exp(d) - 1 - d
+    return -surrogate + beta * kl, ratio, kl
+
+
+def clipped_value_loss(values, values_old, returns, clip_eps: float):
+    """Per-token PPO value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)."""
+    clipped = values_old + (values - values_old).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
+    """Weight of each target in the policy loss, before normalisation (section 8 header):
+    gae: 1 per token (the loss is a mean over tokens); group: 1 / (tokens in its round) / (rounds of its
+    sample), so that each sample weighs 1, spread evenly over its rounds. The caller divides by the sum of
+    the weights over all processes, which makes the loss of N processes that of one on their union."""
+    M = len(tb.label)
+    if mode == "gae":
+        return torch.ones(M)
+    key = tb.sample * (int(tb.round.max()) + 1 if M else 1) + tb.round
+    _, inv, per_round = torch.unique(key, return_inverse=True, return_counts=True)
+    _, s_inv = torch.unique(tb.sample, return_inverse=True)
+    rounds_per_sample = torch.zeros(int(s_inv.max()) + 1 if M else 0).scatter_reduce(
+        0, s_inv, tb.round.float() + 1, reduce="amax")
+    return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv])
+
+
+def explained_variance(returns, values) -> float:
+    """1 - Var(R - V) / Var(R) over the targets of all processes (0 when the returns do not vary)."""
+    n = dist_sum(len(returns))
+    if n < 2:
+        return 0.0
+    mean = dist_sum(returns.sum().item()) / n
+    var_r = dist_sum(((returns - mean) ** 2).sum().item()) / n
+    err = returns - values
+    err_mean = dist_sum(err.sum().item()) / n
+    var_e = dist_sum(((err - err_mean) ** 2).sum().item()) / n
+    return 1 - var_e / var_r if var_r > 1e-8 else 0.0
+
+
+def new_value_head(model) -> torch.nn.Linear:
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
+
+
+# ======================================================================================================
+# 7. Metrics
+# ======================================================================================================
+# accuracy     mean reward over all samples;  pass@k  P(at least one of k samples right), unbiased
+# TPF          tokens per forward: sum of response tokens / sum of NFE (a ratio of sums over the batch)
+# LocalStrict  over adjacent response-token pairs (i, i+1) inside one block, the fraction decoded in
+#              left-to-right order, s_i <= s_{i+1} (1 = strictly left to right). T* (arXiv 2601.11214)
+#              reports LocalStrict without a formula; this is this file's definition.
+# truncated    the fraction of responses cut by the length limit (they score 0)
+# Every one is a ratio of sums over the samples of all processes (rollout_stats), for RL steps and
+# evaluation alike.
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def tokens_per_forward(tokens: float, nfe: float) -> float:
+    """TPF = response tokens / denoising forwards, each summed over a batch (and over processes)."""
+    return tokens / max(1.0, nfe)
+
+
+def local_strict(step_maps: Sequence[Sequence[int]], prompt_lens: Sequence[int], block_size: int,
+                 offset: int = 0) -> tuple[int, int]:
+    """(ordered, pairs): the adjacent response-token pairs inside one block, and those with s_i <= s_{i+1}.
+    LocalStrict is ordered / pairs, summed over processes first."""
+    ordered = pairs = 0
+    for steps, P in zip(step_maps, prompt_lens):
+        s = torch.as_tensor(steps)
+        blocks = response_blocks(P, len(s), block_size, offset)
+        same = blocks[1:] == blocks[:-1]                                   # (L-1,) pairs inside one block
+        ordered += int(((s[:-1] <= s[1:]) & same).sum())
+        pairs += int(same.sum())
+    return ordered, pairs
+
+
+def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: int = 0) -> dict:
+    """accuracy, TPF, LocalStrict (None without pairs), mean length and NFE, and the fraction of responses
+    truncated by the length limit, each a ratio of sums over the samples of all processes."""
+    ordered, pairs = local_strict([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
+                                  block_size, offset)
+    s = {k: dist_sum(v) for k, v in dict(
+        samples=len(gens), correct=float(torch.as_tensor(rewards).sum()), tokens=sum(g.n_tokens for g in gens),
+        nfe=sum(g.nfe for g in gens), ordered=ordered, pairs=pairs, cut=sum(not g.stopped for g in gens)).items()}
+    n = max(1.0, s["samples"])
+    return dict(accuracy=s["correct"] / n, tpf=tokens_per_forward(s["tokens"], s["nfe"]),
+                local_strict=s["ordered"] / s["pairs"] if s["pairs"] else None,
+                length=s["tokens"] / n, nfe=s["nfe"] / n, truncated=s["cut"] / n)
+
+
+# ======================================================================================================
+# 8. The RL step
+# ======================================================================================================
+# One TraceRL step (rl_step):
+#   1. rollouts: G samples per prompt at temperature 1 from the Engine, and their rewards (collect_rollouts);
+#   2. the states the sampler visited, as training sequences (trace rounds, section 5);
+#   3. old log-probs and values at the pre-update weights, in the same layout (old_policy_scores); their
+#      difference to the log-probs the sampler saw is logged as the trajectory gap;
+#   4. advantages per target token (section 6);
+#   5. PPO: --minibatches optimizer steps on shuffled shares of the sequences (ppo_minibatches).
+# The Engine samples from the policy itself on one process in fp32 (the CPU default: the trainer then
+# recomputes the sampler's log-probs to ~1e-7), else from a copy of its weights in the compute dtype,
+# refreshed before every rollout: rollouts run at inference speed in bf16 while training keeps fp32 weights.
+
+
+@dataclass
+class Rollouts:
+    """The samples of one RL step on this process, G per problem."""
+    prompts: list            # per sample: the prompt's token ids
+    gens: list               # per sample: its Generation
+    rewards: torch.Tensor    # (problems, G): 1/0 correctness; a response truncated by the length limit scores 0
+    block_size: int
+    offset: int
+
+
+def rewards_of(gens: Sequence[Generation], problems: Sequence[dict], tokenizer, reward_fn) -> torch.Tensor:
+    """(samples,) rewards: reward_fn of each response's text, 0 for a response truncated by the length limit."""
+    return torch.tensor([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
+                         for g, p in zip(gens, problems)])
+
+
+def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
+                     block_size: int, offset: int, generator) -> Rollouts:
+    """G samples per problem at the rollout temperature (1.0; dynamic remasking by default), and rewards."""
+    G = cfg.group_size
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems for _ in range(G)]
+    engine.refresh()
+    gens = engine.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
+                           **sampler_kwargs(cfg, engine.model, tokenizer, block_size, rollout=True))
+    rewards = rewards_of(gens, [p for p in problems for _ in range(G)], tokenizer, reward_fn)     # (samples,)
+    return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
+
+
+@torch.no_grad()
+def old_policy_scores(policy, value_head, tb: TraceBatch, cfg: Config, block_size: int, offset: int, pad_id: int):
+    """log p_old, V_old (None without a value head) and the policy's entropy at every target, (M,) each, from
+    one pass at the pre-update weights."""
+    dev = next(policy.parameters()).device
+    M = len(tb.label)
+    logp_old, v_old, entropy = torch.zeros(M), torch.zeros(M), torch.zeros(M)
+    chunks = as_many_everywhere(micro_batches(tb, range(len(tb.ids)), cfg.micro_batch, policy.config.vocab_size))
+    with autocast(cfg, dev):
+        for tgt, logp, values, ent in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id,
+                                                      entropy=True):
+            logp_old[tgt], entropy[tgt] = logp.float().cpu(), ent.cpu()
+            if values is not None:
+                v_old[tgt] = values.cpu()
+    return logp_old, v_old if value_head is not None else None, entropy
+
+
+def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, adv, ret, weights, cfg: Config,
+                    block_size: int, offset: int, pad_id: int, shuffle) -> dict:
+    """--minibatches optimizer steps, each on a shuffled share of the training sequences. The losses are
+    divided by global sums (weights, tokens); FSDP averages gradients over the N processes, so each loss
+    is also multiplied by N: the gradient is that of the global mean. Returns the logged statistics."""
+    dev = next(policy.parameters()).device
+    n_proc = world()[1]
+    policy.train()
+    order = torch.randperm(len(tb.ids), generator=shuffle).tolist()
+    clipped, kls, vlosses, plosses, norms = [], [], [], [], []
+    for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches):
+        mb = mb.tolist()
+        tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb] or
+                            [torch.zeros(0, dtype=torch.long)])
+        norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)              # over all processes
+        n_tok = max(dist_sum(len(tgt_all)), 1)
+        chunks = as_many_everywhere(micro_batches(tb, mb, cfg.micro_batch, policy.config.vocab_size))
+        with autocast(cfg, dev):
+            for tgt, logp, values, _ in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id):
+                per_tok, ratio, kl = ppo_token_loss(logp.float(), logp_old[tgt].to(dev), adv[tgt].to(dev),
+                                                    cfg.clip_eps, cfg.beta)
+                loss = (per_tok * weights[tgt].to(dev)).sum() / norm
+                plosses.append(loss.item())
+                if value_head is not None:
+                    vl = clipped_value_loss(values, v_old[tgt].to(dev), ret[tgt].to(dev), cfg.clip_eps)
+                    loss = loss + vl.sum() / n_tok
+                    vlosses.append(vl.detach().cpu())
+                (loss * n_proc).backward()
+                clipped.append(((ratio - 1).abs() > cfg.clip_eps).detach().cpu())
+                kls.append(kl.detach().cpu())
+        norms.append(clip_grad_norm(policy, cfg.grad_clip))          # (the norm before clipping)
+        opt.step()
+        opt.zero_grad(set_to_none=True)          # free the gradients before the next rollouts
+    clipped, kls = torch.cat(clipped).float(), torch.cat(kls)
+    mean = lambda x: dist_sum(x.sum().item()) / max(1.0, dist_sum(len(x)))     # noqa: E731  (over processes)
+    return dict(clipfrac=mean(clipped), kl=mean(kls), policy_loss=dist_sum(sum(plosses)) / cfg.minibatches,
+                grad_norm=float(np.mean(norms)), value_loss=mean(torch.cat(vlosses)) if vlosses else None)
+
+
+def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int, pad_id: int, shuffle) -> dict:
+    """The TraceRL update on a batch of rollouts (steps 2-5 of rl_step). Under FSDP each process passes its
+    own rollouts; every mean is taken over all processes, so N processes make the update one process would
+    make on the union of their rollouts (with --minibatches 1; with more, each process splits its own).
+    Statistics that were not measured (no group with a signal; no value head) are None."""
+    B, offset = ro.block_size, ro.offset
+    value_head = value_head if cfg.advantage == "gae" else None       # (CJ-GRPO has no value)
+    # which samples teach something: per group, z-scored rewards (gae) or rewards minus the mean (group)
+    scores, keep = group_advantages(ro.rewards, cfg.advantage, cfg.band)                  # (prompts, G)
+    kept = keep.flatten().nonzero()[:, 0].tolist()
+    stats = rollout_stats(ro.gens, ro.rewards, B, offset)
+    stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))), **dict.fromkeys(
+        ("traj_gap", "traj_gap_max", "traj_gap_over", "entropy", "explained_var", "clipfrac", "kl", "policy_loss",
+         "grad_norm", "value_loss")))
+
+    # 2. the states the sampler visited, as training sequences
+    tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id)
+    M = len(tb.label)
+    n_targets = dist_sum(M)
+    if n_targets == 0:                           # no prompt with signal on any process: nothing to learn
+        return stats
+
+    # 3. old log-probs and values: the pre-update weights, the same layout. The trajectory gap |log p_old -
+    #    log p_sampler| per target is ~1e-7 when the policy samples itself (fp32), a rounding error with a
+    #    bf16 rollout copy: its mean, the share above 0.1 and its largest value are logged.
+    logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, cfg, B, offset, pad_id)
+    gap = (logp_old - tb.sampler_logp).abs()
+    stats.update(traj_gap=dist_sum(gap.sum().item()) / n_targets, traj_gap_max=dist_max(gap.max().item() if M else 0.0),
+                 traj_gap_over=dist_sum((gap > 0.1).sum().item()) / n_targets,
+                 entropy=dist_sum(entropy.sum().item()) / n_targets)
+
+    # 4. advantages per target token: the outcome spread over each sample's denoising steps by GAE
+    #    (TraceRL), or the sample's own advantage on every token (CJ-GRPO)
+    if value_head is not None:
+        adv, ret = torch.zeros(M), torch.zeros(M)
+        if M:                                    # (a process can hold no kept sample while others do)
+            row = torch.full((len(ro.gens),), -1, dtype=torch.long)
+            row[kept] = torch.arange(len(kept))                                           # sample -> 0..S-1
+            outcome = scores.flatten()[kept]                                              # (S,) z-scored rewards
+            adv, ret = token_advantages(outcome, row[tb.sample], tb.token, tb.step, v_old, cfg.gamma, cfg.gae_lambda)
+        stats["explained_var"] = explained_variance(ret, v_old)
+    else:
+        adv, ret = scores.flatten()[tb.sample], None
+    weights = token_weights(tb, cfg.advantage)
+
+    # 5. PPO: --minibatches optimizer steps
+    stats.update(ppo_minibatches(policy, value_head, opt, tb, logp_old, v_old, adv, ret, weights, cfg, B, offset,
+                                 pad_id, shuffle))
+    return stats
+
+
+def rl_step(policy, value_head, opt, engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
+            block_size: int, offset: int, generator) -> dict:
+    """One TraceRL step: rollouts from the engine, then a PPO update of the policy and the value head.
+    `generator` drives the sampling on the model's device; the shuffle of the update runs on the CPU (on
+    the CPU that is the same generator, continued)."""
+    t0 = time.time()
+    ro = collect_rollouts(engine, tokenizer, problems, reward_fn, cfg, block_size, offset, generator)
+    shuffle = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
+    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id, shuffle)
+    return {**stats, "seconds": time.time() - t0}
+
+
+# ======================================================================================================
+# 9. The T* curriculum (T*, arXiv 2601.11214)
+# ======================================================================================================
+# T* runs TraceRL at B, then doubles B (4 -> 8 -> 16 -> 32); each stage starts from the previous stage's
+# weights and value head, with a fresh optimizer. Inside a stage a fraction of the RL batches (default
+# half) use shifted block boundaries, offset = B/2, for the rollout and for the training layout alike,
+# so the trajectory stays consistent; the other batches use offset 0. Evaluation always uses offset 0.
+# The shifted batches are spread evenly over the stage: batch k is shifted iff floor((k+1) f) > floor(k f).
+# --direct is the paper's baseline: the same number of stages and steps, all at the final block size.
+#
+# train() is the whole method: an evaluation of the start model, then per stage --steps-per-stage RL steps at
+# the stage's block size and planned offsets, an evaluation at every evaluation block size, and a checkpoint.
+
+
+def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction: float,
+               direct: bool = False) -> list[tuple[int, list[int]]]:
+    """[(B, [offset of each RL step])] per stage."""
+    plan = []
+    for B in block_sizes:
+        B = block_sizes[-1] if direct else B
+        offsets = [B // 2 if math.floor((k + 1) * shift_fraction) > math.floor(k * shift_fraction) else 0
+                   for k in range(steps_per_stage)]
+        plan.append((B, offsets))
+    return plan
+
+
+def seed_for(seed: int, stage: int = 0, step: int = 0, rank: int = 0) -> int:
+    """The seed of one torch random stream of a run: the warm start and the initial weights (0, 0, 0), the
+    rollouts of RL step `step` of stage `stage` on process `rank`, and evaluation (the stage after the last,
+    which no RL step uses). The multipliers are primes, so no two streams of one run share a seed. (The
+    problems of a step are drawn with Python's random from the key "seed-stage-step", the same on every
+    process, which then takes every N-th of them.)"""
+    return seed * 1_000_003 + stage * 10_007 + step * 101 + rank
+
+
+def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_problems, eval_sets, reward_fn,
+          rec: Recorder, done: int = 0) -> None:
+    """The T* loop: stages of TraceRL at growing block sizes, an evaluation and a checkpoint after each;
+    `done` stages were finished by an earlier run (--resume)."""
+    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
+    if done == 0:
+        evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, 0, plan[0][0], 0)
+    rank, size = world()
+    for k in range(done, len(plan)):
+        B, offsets = plan[k]
+        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
+                                 {"params": value_head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
+        for step, offset in enumerate(offsets):
+            problems = random.Random(f"{cfg.seed}-{k}-{step}").sample(train_problems, cfg.prompts_per_step)
+            generator = torch.Generator(engine.device).manual_seed(seed_for(cfg.seed, k, step, rank))
+            stats = rl_step(model, value_head, opt, engine, tokenizer, problems[rank::size], reward_fn, cfg, B,
+                            offset, generator)
+            rec.rl_step(dict(kind="train", stage=k + 1, block_size=B, offset=offset, stage_step=step,
+                             step=k * cfg.steps_per_stage + step + 1, **stats))
+        evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, k + 1, B, (k + 1) * cfg.steps_per_stage)
+        rec.stage_finished(k + 1, B, model, value_head, engine)
+    rec.finished()
+
+
+# ======================================================================================================
+# 10. Evaluation
+# ======================================================================================================
+# Evaluation decodes every problem of each evaluation set --eval-samples times at offset 0 and reports the
+# metrics of section 7 per block size, summed over processes (each takes every N-th problem). Every stage's
+# evaluation at a block size draws the same random numbers: with sampling (the SDAR preset's temperature
+# 1.0), stages differ by their weights only. After each stage the decoding order of a few samples at the
+# stage's block size is drawn (the paper's Figure 4).
+
+
+@torch.no_grad()
+def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int):
+    """Metrics of one evaluation set at one block size (offset 0), over all processes. Returns the
+    metrics dict and this process's generations (for pictures of the decoding order)."""
+    rank, size = world()
+    mine = list(problems)[rank::size]                                     # every N-th problem per process
+    n = cfg.eval_samples
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in mine for _ in range(n)]
+    seed = seed_for(cfg.seed, len(cfg.curriculum), block_size, rank)     # (the same for every stage)
+    t0 = time.time()
+    gens = engine.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
+                           generator=torch.Generator(engine.device).manual_seed(seed),
+                           **sampler_kwargs(cfg, engine.model, tokenizer, block_size))
+    seconds = dist_sum(time.time() - t0) / size                           # the processes ran side by side
+    rewards = rewards_of(gens, [p for p in mine for _ in range(n)], tokenizer, reward_fn).numpy().reshape(-1, n)
+    metrics = rollout_stats(gens, rewards, block_size)
+    n_problems = dist_sum(len(mine))
+    metrics.update({f"pass@{n}": dist_sum(sum(pass_at_k(n, int(c), n) for c in rewards.sum(1))) / max(1, n_problems),
+                    "tokens_per_s": metrics["length"] * dist_sum(len(gens)) / max(1e-9, seconds),
+                    "problems": int(n_problems)})
+    return dict(block_size=block_size, **metrics), gens
+
+
+def evaluate_stage(engine: Engine, tokenizer, eval_sets, reward_fn, cfg: Config, rec: Recorder, stage: int,
+                   stage_block_size: int, step: int) -> None:
+    """Evaluate after `stage` (0: the start model) at every evaluation block size, and record it."""
+    engine.refresh()                              # (the rollout copy: the weights this stage ended with)
+    for name, problems in eval_sets.items():
+        for B in cfg.eval_sizes:
+            metrics, gens = evaluate(engine, tokenizer, problems, reward_fn, cfg, B)
+            rec.evaluation(dict(kind="eval", stage=stage, dataset=name, stage_block_size=stage_block_size,
+                                step=step, **metrics), gens)
+
+
+# ######################################################################################################
+# PART II: running it for real
+# ######################################################################################################
+# Everything below runs the method rather than being it: the command line, SDAR checkpoints, math data and
+# grading, the fast sampler (Decoder, Engine, the memory plan), devices and FSDP2, checkpoints and the out
+# dir, logs, and main. Read on to change how tstar runs, not what it does.
+
+
+# ======================================================================================================
+# 11. Config and the command line
+# ======================================================================================================
+# One dataclass holds every setting; the command line is generated from it (each field's docstring is its
+# --help text, each "# --- name ---" comment above a run of fields its group: the docstrings read best beside
+# the fields, as cleanrl's Args do, where transformers' HfArgumentParser would want each in a field(metadata=)).
+# Defaults are the tiny CPU run. When --model is a real checkpoint, SDAR_PRESET switches the defaults to the
+# paper's setting; any flag given on the command line wins. finalize_config applies the preset, parses the
+# comma-separated lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and checks every value, so a bad flag
+# is one line of error before any work starts.
 
 
 class UsageError(Exception):
     """Bad input from the user: main() prints the message as one line and exits with code 2."""
-
-
-def read_json(path: Path, fix: str):
-    """A JSON file tstar wrote (a checkpoint's tstar.json, ...). One that cannot be read back was damaged
-    outside tstar: one line of error naming it and `fix`, what to do."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} cannot be read back ({getattr(e, 'msg', '') or type(e).__name__}): {fix}") from None
-
-
-# ======================================================================================================
-# 1. Config
-# ======================================================================================================
-# One dataclass holds every setting; the command line is generated from it (each field's docstring is its
-# --help text, each "# --- name ---" comment above a run of fields its group). Defaults are the tiny CPU run.
-# When --model is a real checkpoint, SDAR_PRESET switches the defaults to the paper's setting; any flag given
-# on the command line wins. finalize_config applies the preset, parses the comma-separated lists once into
-# typed values (cfg.curriculum, cfg.eval_sizes, cfg.band) and checks every value, so a bad flag is one line
-# of error before any work starts.
 
 
 @dataclass
@@ -114,13 +1078,13 @@ class Config:
     """where the warm start, stage checkpoints, metrics.jsonl, tables and plots go"""
 
     # --- sampler ---
-    block_size: int = 4
-    """the base model's block size; the tiny model's warm start trains at it"""
+    base_block_size: int = 4
+    """B of the model T* starts from (SDAR's 4): the tiny model's warm start trains at it"""
     steps_per_block: int | None = None
     """K, denoising steps per block (default: K = B)"""
     remasking: str = "dynamic"
     """static: commit the step's quota by confidence; dynamic: also every token above tau; ass: 1, 2, 4, ...
-    tokens per step (section 5)"""
+    tokens per step (section 3)"""
     threshold: float = 0.9
     """tau, the confidence threshold of dynamic remasking"""
     temperature: float = 0.0
@@ -132,7 +1096,7 @@ class Config:
     max_new_tokens: int = 64
     """length limit of a response; a response cut by it scores 0"""
     eoser: bool = False
-    """EOSER (section 5): scale the confidence of stop-token candidates so that the end comes late"""
+    """EOSER (section 3): scale the confidence of stop-token candidates so that the end comes late"""
     eoser_gamma_min: float = 0.4
     """EOSER's factor at a block's first step"""
     eoser_gamma_max: float = 1.0
@@ -155,7 +1119,7 @@ class Config:
     warm_start_batch: int = 32
     """sequences per warm-start step"""
     warm_start_lr: float = 3e-3
-    """peak learning rate of the warm start (linear warm-up, then cosine decay)"""
+    """peak learning rate of the warm start (a linear warm-up times a cosine decay to 10%, from step 0)"""
 
     # --- evaluation ---
     eval_only: bool = False
@@ -218,7 +1182,7 @@ class Config:
     grad_checkpointing: bool = False
     """recompute activations in the backward pass (saves memory; on by default for checkpoints)"""
     train_dataset: str = "toy"
-    """training problems: toy, or (section 3) a dataset name or a local JSON/JSONL/Parquet file"""
+    """training problems: toy, or (section 13) a dataset name or a local JSON/JSONL/Parquet file"""
     eval_datasets: str = "toy"
     """evaluation sets, comma-separated: toy, dataset names or local files"""
 
@@ -233,9 +1197,7 @@ class Config:
 
 CHOICES = {"remasking": ("static", "dynamic", "ass"), "advantage": ("gae", "group"),
            "dtype": ("auto", "float32", "bfloat16")}
-
-
-DERIVED = ("curriculum", "eval_sizes", "band")
+DERIVED = ("curriculum", "eval_sizes", "band")          # set by finalize_config, not flags
 
 
 # The paper's setting (TraceRL arXiv 2509.06949, T* arXiv 2601.11214), switched on when --model is a
@@ -248,48 +1210,43 @@ SDAR_PRESET = dict(
 )
 
 
-def _field_docs(cls) -> dict[str, tuple[str, str]]:
-    """(docstring, section) of each dataclass field: Python keeps neither at runtime, so read the source.
-    A section is the "# --- name ---" comment above a run of fields."""
-    source = textwrap.dedent(inspect.getsource(cls))
+def build_parser():
+    """The command line, one flag per Config field, grouped by the Config's sections. Python keeps neither a
+    field's docstring nor its section comment at runtime, so both are read from the class's source."""
+    import argparse
+    import ast
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):          # one line and exit code 2 (main), not argparse's usage block
+            raise UsageError(message)
+
+    source = inspect.getsource(Config)
+    body = ast.parse(source).body[0].body
+    docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
     sections, section = {}, ""
     for line in source.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("# ---"):
-            section = stripped.strip("# -")
-        elif ":" in stripped and not stripped.startswith(('"', "#")):
-            sections.setdefault(stripped.split(":")[0], section)
-    body = ast.parse(source).body[0].body
-    return {a.target.id: (" ".join(b.value.value.split()), sections.get(a.target.id, ""))
-            for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):              # one line and exit code 2 (main), not argparse's usage block
-        raise UsageError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line, one flag per Config field, grouped by the Config's sections."""
-    parser = ArgumentParser(prog="tstar.py", description=__doc__.split("\n\n")[0],
-                            epilog="Defaults are the tiny CPU run; with a checkpoint as --model the paper's setting "
-                                   "(SDAR_PRESET) replaces them, and any flag given wins.")
-    groups, docs = {}, _field_docs(Config)
+        if line.strip().startswith("# ---"):
+            section = line.strip().strip("# -")
+        elif ":" in line and line.strip().split(":")[0] in docs:
+            sections[line.strip().split(":")[0]] = section
+    parser = Parser(prog="tstar.py", description=__doc__.split("\n\n")[0],
+                    epilog="Defaults are the tiny CPU run; with a checkpoint as --model the paper's setting "
+                           "(SDAR_PRESET) replaces them, and any flag given wins.")
+    groups = {}
     for f in dataclasses.fields(Config):
         if f.name in DERIVED:
             continue
-        doc, section = docs[f.name]
-        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
-        flag = "--" + f.name.replace("_", "-")
+        group = groups.get(sections[f.name]) or groups.setdefault(sections[f.name],
+                                                                  parser.add_argument_group(sections[f.name]))
+        flag, doc = "--" + f.name.replace("_", "-"), docs[f.name].replace("%", "%%")      # (argparse formats it)
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc)
             continue
         kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
         default = "" if f.default is None or "default" in doc else f" (default: {f.default})"
-        choices = CHOICES.get(f.name)
-        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=choices,
-                           metavar=None if choices else f.name.upper(), help=doc + default)
+        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
+                           metavar=None if f.name in CHOICES else f.name.upper(), help=doc + default)
     return parser
 
 
@@ -299,6 +1256,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, set[str]]:
     return Config(**given), set(given)
 
 
+# the range of every numeric flag: (lowest, highest, whether the lowest itself is allowed); None = no bound
+RANGES = dict(
+    base_block_size=(1, None, True), steps_per_block=(1, None, True), threshold=(0, 1, True),
+    temperature=(0, None, True), rollout_temperature=(0, None, True), top_k=(0, None, True), top_p=(0, 1, False),
+    max_new_tokens=(1, None, True), eoser_gamma_min=(0, 1, False), eoser_gamma_max=(0, 1, False),
+    rollout_batch=(1, None, True), seed=(0, 2 ** 32 - 1, True), train_size=(1, None, True),
+    test_size=(1, None, True), warm_start_steps=(1, None, True), warm_start_batch=(1, None, True),
+    warm_start_lr=(0, None, False), eval_samples=(1, None, True), eval_limit=(0, None, True),
+    eval_batch=(1, None, True), steps_per_stage=(1, None, True), shift_fraction=(0, 1, True),
+    prompts_per_step=(1, None, True), group_size=(2, None, True), lr=(0, None, False), value_lr=(0, None, False),
+    clip_eps=(0, None, False), beta=(0, None, True), gamma=(0, 1, True), gae_lambda=(0, 1, True),
+    shrink=(1, None, True), minibatches=(1, None, True), micro_batch=(1, None, True), grad_clip=(0, None, False),
+)
+
+
 def finalize_config(cfg: Config, given: set[str]) -> Config:
     """Apply the preset for checkpoints, parse the lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and
     check every setting: one clear error for the first bad one, before any work starts."""
@@ -306,53 +1278,30 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         raise UsageError("--model is empty: give a config JSON, a checkpoint directory or a hub id")
     if not is_toy_model(cfg.model):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
+    for f in dataclasses.fields(cfg):
+        name, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+        if f.type == "float" and not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite number, got {value}")
+        low, high, closed = RANGES.get(f.name, (None, None, True))
+        if value is not None and low is not None and (value < low or value == low and not closed or
+                                                      high is not None and value > high):
+            where = f"{'[' if closed else '('}{low}, {high}]" if high is not None else f"{'>=' if closed else '>'} {low}"
+            raise UsageError(f"{name} must be {'in ' if high is not None else ''}{where}, got {value}")
     sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
-    if any(b < 1 for b in sizes):
-        raise UsageError(f"block sizes must be >= 1, got {cfg.block_sizes}")
-    if any(b2 <= b1 for b1, b2 in zip(sizes, sizes[1:])):
-        raise UsageError(f"--block-sizes must be increasing, got {cfg.block_sizes}")
     eval_sizes = parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
-    if any(b < 1 for b in eval_sizes):
-        raise UsageError(f"block sizes must be >= 1, got {cfg.eval_block_sizes}")
-    cfg = dataclasses.replace(cfg, curriculum=tuple(sizes), eval_sizes=tuple(eval_sizes), band=parse_band(cfg.acc_band))
-    at_least = lambda name, low: (getattr(cfg, name) >= low, f"--{name.replace('_', '-')} must be >= {low}, "  # noqa: E731
-                                                             f"got {getattr(cfg, name)}")
-    positive = lambda name: (getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be > 0, "              # noqa: E731
-                                                     f"got {getattr(cfg, name)}")
-    not_finite = [f.name for f in dataclasses.fields(cfg) if f.type == "float" and not math.isfinite(getattr(cfg, f.name))]
     checks = [
-        (not not_finite, f"--{not_finite[0].replace('_', '-')} must be a finite number, got {getattr(cfg, not_finite[0])}"
-         if not_finite else ""),
+        (min(sizes + eval_sizes) >= 1, f"block sizes must be >= 1, got {cfg.block_sizes} / {cfg.eval_block_sizes}"),
+        (all(b2 > b1 for b1, b2 in zip(sizes, sizes[1:])), f"--block-sizes must be increasing, got {cfg.block_sizes}"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
          f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
-        (0 <= cfg.seed < 2 ** 32, f"--seed must be in [0, 2^32), got {cfg.seed}"),
         (cfg.out_dir.strip() != "", "--out-dir is empty"),
-        (0.0 <= cfg.shift_fraction <= 1.0, f"--shift-fraction must be in [0, 1], got {cfg.shift_fraction}"),
-        (cfg.steps_per_block is None or cfg.steps_per_block >= 1,
-         f"--steps-per-block must be positive, got {cfg.steps_per_block}"),
-        (0.0 <= cfg.threshold <= 1.0, f"--threshold must be in [0, 1], got {cfg.threshold}"),
-        at_least("micro_batch", 1), at_least("minibatches", 1), at_least("prompts_per_step", 1),
-        at_least("steps_per_stage", 1), at_least("max_new_tokens", 1), at_least("eval_samples", 1),
-        at_least("shrink", 1), at_least("train_size", 1), at_least("test_size", 1), at_least("warm_start_steps", 1),
-        at_least("warm_start_batch", 1), at_least("eval_limit", 0), at_least("top_k", 0), at_least("block_size", 1),
-        (cfg.rollout_batch is None or cfg.rollout_batch >= 1, f"--rollout-batch must be >= 1, got {cfg.rollout_batch}"),
-        (cfg.eval_batch is None or cfg.eval_batch >= 1, f"--eval-batch must be >= 1, got {cfg.eval_batch}"),
-        (cfg.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples), got {cfg.group_size}"),
-        positive("lr"), positive("value_lr"), positive("warm_start_lr"), positive("clip_eps"), positive("grad_clip"),
-        (cfg.beta >= 0, f"--beta must be >= 0, got {cfg.beta}"),
-        (0.0 <= cfg.gamma <= 1.0 and 0.0 <= cfg.gae_lambda <= 1.0,
-         f"--gamma and --gae-lambda must be in [0, 1], got {cfg.gamma} and {cfg.gae_lambda}"),
-        (cfg.temperature >= 0 and cfg.rollout_temperature >= 0, "temperatures must be >= 0"),
-        (0 < cfg.top_p <= 1, f"--top-p must be in (0, 1], got {cfg.top_p}"),
-        (0 < cfg.eoser_gamma_min <= 1 and 0 < cfg.eoser_gamma_max <= 1,
-         f"EOSER gammas must be in (0, 1], got {cfg.eoser_gamma_min} and {cfg.eoser_gamma_max}"),
         (cfg.eoser_gamma_min <= cfg.eoser_gamma_max,
          f"--eoser-gamma-min {cfg.eoser_gamma_min} is larger than --eoser-gamma-max {cfg.eoser_gamma_max}"),
     ]
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    return cfg
+    return dataclasses.replace(cfg, curriculum=tuple(sizes), eval_sizes=tuple(eval_sizes), band=parse_band(cfg.acc_band))
 
 
 def parse_int_list(text: str, name: str) -> list[int]:
@@ -389,26 +1338,23 @@ def check_fits(prompt_len: int, max_new_tokens: int, max_positions: int, block_s
 
 def check_block_size(B: int, K: int | None, max_positions: int) -> None:
     """The sampler's block settings must make sense for the model: one clear error if not."""
-    if B < 1:
-        raise UsageError(f"block size must be >= 1, got {B}")
     if B > max_positions:
         raise UsageError(f"block size {B} exceeds the model's {max_positions} positions")
-    if K is not None and not 1 <= K <= B:
+    if K is not None and K > B:
         raise UsageError(f"--steps-per-block must be between 1 and the block size {B}, got {K}")
 
 
 # ======================================================================================================
-# 2. Model and tokenizer
+# 12. Models and tokenizers
 # ======================================================================================================
 # Every model is transformers' own Qwen3ForCausalLM. SDAR checkpoints (SDAR, arXiv 2510.06303) are Qwen3
-# weights trained for block diffusion: their config says model_type "sdar" and points at remote code (which
-# needs flash-attn and an old transformers); we read the config as a dict, drop the keys that name the remote
-# classes, and build a Qwen3Config from the rest. The logits are identical to SDAR's own code (checked: max
-# abs diff 0.0 in fp32 under the same block mask). There is no logit shift: the hidden state at position i
-# predicts the token at position i. The token ids come from the tokenizer, none is hard-coded: SDAR's mask
-# token is <|MASK|> (151669), <|endoftext|> (151643) is both eos and pad, and its generation config adds
-# <|im_end|> (151645), which ends a chat turn, as a stop id. The tiny model uses a character tokenizer with the
-# same interface. Compute runs in bf16 on CUDA (autocast over fp32 master weights when training) and fp32 on
+# weights trained for block diffusion, with Qwen3's weight names: their config says model_type "sdar" and points
+# at remote code (which needs flash-attn and an old transformers); we read the config as a dict, drop the keys
+# that name the remote classes, and build a Qwen3Config from the rest. There is no logit shift: the hidden state
+# at position i predicts the token at position i. The token ids come from the tokenizer, none is hard-coded:
+# SDAR's mask token is <|MASK|> (151669), <|endoftext|> (151643) is both eos and pad, and its generation config
+# adds <|im_end|> (151645), which ends a chat turn, as a stop id. The tiny model uses a character tokenizer with
+# the same interface. Compute runs in bf16 on CUDA (autocast over fp32 master weights when training) and fp32 on
 # the CPU: chosen in compute_dtype, one place.
 
 
@@ -619,47 +1565,11 @@ def autocast(cfg: Config, device: torch.device):
 
 
 # ======================================================================================================
-# 3. Tasks and rewards: the toy, math datasets, grading
+# 13. Data: the toy's splits, math datasets and grading
 # ======================================================================================================
-# The toy task must be verifiable, have responses of 20-60 tokens, and make large blocks genuinely hard for a
-# model trained at B=4. A problem is four groups of five characters:
-#     question "?604??764??593??242?="      one valid answer "62712852137869580103"
-# In each group of the answer, the first digit is free (any digit), the next three are the question's digits
-# passed through a fixed substitution (TOY_NEXT: 0->7, 1->4, ...), and the fifth is a check digit: the
-# substitution of the group's free digit. The reward is 1 if the answer follows every rule. The translated
-# digits can all be decoded in parallel. A check digit depends on a free choice made 4 tokens earlier: at B=4
-# that choice is always in an earlier, finished block, but at B >= 8 both can sit masked in the same block,
-# and committing the check first is a guess that fails 9 times in 10. A B=4 model has never seen that
-# situation, so at B=8..32 it fails often and at random (the free digit is sampled), which gives RL a signal.
-# Several valid answers per question also make the rollouts of a group differ, as a language model's do.
-
-
-TOY_GROUPS = 4                           # groups of five digits in the answer
-
-
-TOY_NEXT = (7, 4, 0, 9, 1, 8, 2, 5, 3, 6)       # digit substitution
-
-
-def toy_problem(rng: random.Random) -> dict:
-    q, a = [], []
-    for _ in range(TOY_GROUPS):
-        free = rng.randrange(10)
-        digits = [rng.randrange(10) for _ in range(3)]
-        q.append("?" + "".join(map(str, digits)) + "?")
-        a.append(str(free) + "".join(str(TOY_NEXT[d]) for d in digits) + str(TOY_NEXT[free]))
-    return {"question": "".join(q) + "=", "answer": "".join(a)}
-
-
-def toy_reward(response: str, question: str) -> float:
-    """1.0 if the response follows every rule of the question (see above), else 0.0."""
-    q, r = question.rstrip("="), response.strip()
-    if len(r) != len(q) or not r.isdigit():
-        return 0.0
-    for k in range(0, len(q), 5):
-        g, x = q[k:k + 5], [int(c) for c in r[k:k + 5]]
-        if any(x[j] != TOY_NEXT[int(g[j])] for j in (1, 2, 3)) or x[4] != TOY_NEXT[x[0]]:
-            return 0.0
-    return 1.0
+# name -> (hub id, config, split, question field, answer field). Local JSON/JSONL/Parquet files work too; their
+# fields are found among LOCAL_FIELDS. The reward is 1 if the last \boxed{} of a response is equivalent to
+# the gold answer: both are normalised (normalize_answer) and compared by math-verify.
 
 
 def toy_splits(train_size: int, test_size: int, seed: int):
@@ -679,12 +1589,6 @@ def toy_splits(train_size: int, test_size: int, seed: int):
         if p["question"] not in seen:          # repeats inside train are fine; overlap with test is not
             train.append(p)
     return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
-
-
-# --- math: datasets and grading (the paper's setting) -------------------------------------------------
-# name -> (hub id, config, split, question field, answer field). Local JSON/JSONL/Parquet files work too; their
-# fields are found among LOCAL_FIELDS. The reward is 1 if the last \boxed{} of a response is equivalent to
-# the gold answer: both are normalised (normalize_answer) and compared by math-verify.
 
 
 DATASETS = {
@@ -800,6 +1704,10 @@ def grade(response: str, gold: str, timeout: int = 8) -> float:
     LaTeX forms, intervals, sets, units...). One call takes at most `timeout` seconds in any thread:
     math-verify bounds its parses and comparison with SIGALRM, which only a main thread may set, so off the
     main thread the check runs in a worker process (a worker that overruns is replaced)."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import ProcessPoolExecutor
+
     pred = extract_boxed(response)
     if pred is None:
         return 0.0
@@ -905,185 +1813,15 @@ def load_task(cfg: Config):
 
 
 # ======================================================================================================
-# 4. Block attention
+# 14. The fast sampler: frames, an in-place KV cache, CUDA graphs, the rollout copy
 # ======================================================================================================
-# Blocks are cut at absolute positions offset + k*B (SDAR's convention is offset 0; T*'s shifted boundaries use
-# offset B/2). With offset > 0 the first block [0, offset) is shorter. Block index of position p:
-# b(p) = floor((p - offset) / B).
-#
-# One mask builder serves the sampler, the warm start and the trainer. Every token is either clean (a
-# finalized token) or noisy (a token of the block being denoised, some of them masks). Rules:
-#     clean query i may see clean key j  iff  b(j) <= b(i)                 (block-causal)
-#     noisy query i may see clean key j  iff  b(j) <  b(i)                 (finished blocks before it)
-#                       and noisy key j  iff  b(j) == b(i)                 (its own block, bidirectional)
-# Padding keys are never seen; a padding query sees only itself (a query that may see nothing is a NaN source
-# on some attention kernels). The sampler's current block is the noisy part and its KV cache the clean part;
-# training sequences are [clean sequence | noisy copy of the response blocks].
-
-
-def block_index(pos, block_size: int, offset: int = 0):
-    """b(p) = floor((p - offset) / B); works on ints and on integer tensors."""
-    return (pos - offset) // block_size
-
-
-def block_start(p: int, block_size: int, offset: int = 0) -> int:
-    """First position of the block that holds position p (0 for the short first block when offset > 0)."""
-    return max(0, offset + block_index(p, block_size, offset) * block_size)
-
-
-def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: int, offset: int = 0,
-                         q_start: int | None = None):
-    """Boolean attention mask (batch, 1, Lq, Lk), True = may attend.
-
-    q_pos, q_noisy: (batch, Lq) positions and noisy flags of the queries, which are the keys
-    q_start .. q_start + Lq - 1 (default: the last Lq keys).
-    k_pos, k_noisy, k_valid: (batch, Lk) positions, noisy flags and real-token flags of the keys."""
-    bq = block_index(q_pos, block_size, offset)[:, :, None]                 # (batch, Lq, 1)
-    bk = block_index(k_pos, block_size, offset)[:, None, :]                 # (batch, 1, Lk)
-    kn = k_noisy[:, None, :]                                                # (batch, 1, Lk)
-    sees_clean_query = ~kn & (bk <= bq)
-    sees_noisy_query = (~kn & (bk < bq)) | (kn & (bk == bq))
-    allow = torch.where(q_noisy[:, :, None], sees_noisy_query, sees_clean_query) & k_valid[:, None, :]
-    Lq, Lk = q_pos.shape[1], k_pos.shape[1]
-    q_start = Lk - Lq if q_start is None else q_start
-    arange = torch.arange(Lk, device=allow.device)
-    itself = arange[None, :] == arange[q_start: q_start + Lq, None]        # (Lq, Lk) query i is key q_start+i
-    q_real = k_valid[:, q_start: q_start + Lq, None]                        # (batch, Lq, 1)
-    return ((allow & q_real) | (~q_real & itself))[:, None]                 # (batch, 1, Lq, Lk)
-
-
-# ======================================================================================================
-# 5. Sampler
-# ======================================================================================================
-# Blockwise masked-diffusion decoding, the protocol of SDAR's generate.py (SDAR, arXiv 2510.06303):
-#   * Blocks are aligned at absolute position `offset` (prompt included). The prompt's whole blocks are
-#     prefilled once into the KV cache; the prompt's tail shares the first decoded block with masks.
-#   * Each block starts fully masked and gets up to K steps. Each step is one forward of the block
-#     (queries = block, keys = cache + block), a candidate token and a confidence for every masked
-#     position, and a commit of some positions:
-#         static   the step's quota n_s of most confident positions,
-#         dynamic  every position with confidence > tau, or the n_s most confident if fewer pass,
-#         ass      2^s positions at step s, the rest at the last step (below).
-#   * A finished block's keys and values must be cached, clean. SDAR spends one extra forward on that;
-#     here the first step of the next block carries it: its queries are [finished block, clean | new
-#     block, all masks], and under the block mask (section 4) the clean half sees exactly what a separate
-#     store pass would see. Same attention, one forward fewer per block, not counted in NFE either way.
-#   * A row stops after the block in which it produced a stop id, or after the block that reaches the
-#     length limit. Like SDAR, that last block is decoded whole (B masks), then the response is cut at
-#     --max-new-tokens for rewards and metrics; the tokens past the cut were decoded, so they stay in
-#     the trajectory and are trained like the tokens after a stop token.
-#
-# Two schedules of the CJ-GRPO paper (arXiv 2509.23924) plug into the same loop:
-#   * ASS (--remasking ass): a block with m masked positions takes ceil(log2 m) steps; step s commits the
-#     2^s most confident positions and the last step all that remain (B=8: 1, 2, 5). K is not used.
-#   * EOSER (--eoser): at step s of the n steps a block plans, the confidence of every candidate that is a
-#     stop token is multiplied by g_s = g_min + (g_max - g_min) s / (n - 1), so the end of the answer is
-#     committed late. It changes which positions are committed, never the sampled tokens.
-#
-# Rows of different prompt lengths share a batch by left padding into one frame (padded_frame): row i is
-# shifted right by pad_i so that every row's first decoded block starts at the same column D, which keeps
-# the block boundaries of all rows aligned. The KV cache (KVCache) is allocated once for the frame and
-# written in place: a step writes its block's keys and values into the block's own slots, which the next
-# step overwrites, until the block is final. Rows that have stopped stay in the frame, masked out, until
-# half of the rows have stopped; then the live rows are moved to the front of the same buffers
-# (compaction: a few copies per call, never one per step). All per-token decisions are tensor ops over
-# (rows, B); Python loops run over blocks and steps only.
-#
-# The step loop is generate(); around it: step_quotas, propose, choose_commits and eoser_factor decide what a
-# step commits; padded_frame lays the batch out; Decoder runs the forward passes (KV cache, CUDA graphs);
-# finish_rows turns finished rows into Generations and compacts the rest.
-
-
-@dataclass
-class Generation:
-    """One sampled response. `ids` is the whole decoded trajectory: every response position the sampler
-    filled, through the end of the last decoded block (after a stop token, or past the length limit, the
-    block was still filled)."""
-    ids: list[int]
-    step_map: list[int]      # per token of ids: the row's denoising step (1..nfe) that finalized it
-    logprobs: list[float]    # per token of ids: log-prob the sampler's model gave it at that step
-    nfe: int                 # denoising forwards this row took part in
-    n_tokens: int            # the response: through the first stop token, at most max_new_tokens
-    stopped: bool            # a stop token within max_new_tokens (False: cut by the length limit)
-    prompt_len: int
-    offset: int
-
-
-def step_quotas(m: torch.Tensor, K: int, remasking: str) -> torch.Tensor:
-    """Tokens to commit at each step of a block with m masked positions: (rows,) -> (rows, steps).
-
-    static/dynamic: m split over K' = min(K, m) steps, m // K' each and the remainder one each over the
-    first steps (every step commits at least one token).  ass: 1, 2, 4, ... and the remainder at the last
-    of ceil(log2 m) steps (B=8: 1, 2, 5)."""
-    m = m.long()
-    if remasking == "ass":
-        n_steps = torch.ceil(torch.log2(m.clamp(min=1).double())).long().clamp(min=1)   # (rows,)
-        s = torch.arange(int(n_steps.max()), device=m.device)[None, :]                  # (1, steps)
-        doubling = 2 ** s
-        last = m[:, None] - (2 ** (n_steps[:, None] - 1) - 1)                           # remainder
-        quota = torch.where(s < n_steps[:, None] - 1, doubling, last)
-        return torch.where(s < n_steps[:, None], quota, 0)
-    n_steps = m.clamp(min=1, max=K)                                                      # (rows,)
-    s = torch.arange(K, device=m.device)[None, :]                                        # (1, K)
-    quota = (m // n_steps)[:, None] + (s < (m % n_steps)[:, None]).long()
-    return torch.where(s < n_steps[:, None], quota, 0)
-
-
-def propose(logits, temperature: float, top_k: int, top_p: float, generator=None, mask_id: int | None = None):
-    """A candidate token, its confidence and its log-prob for each masked position.
-
-    logits: (M, V). Greedy (temperature 0): candidate = argmax, confidence = softmax(logits)[argmax].
-    Otherwise the candidate is sampled from softmax(logits / T) restricted by top-k / top-p, and the
-    confidence is its probability under that distribution. The mask token is never a candidate. The
-    log-prob is under the model's own full distribution: the quantity the trainer recomputes."""
-    logits = logits.float()
-    logp_model = logits.log_softmax(-1)                                       # (M, V)
-    if mask_id is not None:
-        logits = logits.index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
-    if temperature == 0:
-        cand = logits.argmax(-1)                                              # (M,)
-        conf = logits.log_softmax(-1).gather(1, cand[:, None]).squeeze(1).exp()
-    else:
-        z = logits / temperature
-        if top_k > 0:
-            kth = z.topk(min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
-            z = z.masked_fill(z < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_z, order = z.sort(dim=-1, descending=True)
-            p_sorted = sorted_z.softmax(-1)
-            drop = p_sorted.cumsum(-1) - p_sorted > top_p                     # mass before it already > p
-            z = z.scatter(1, order, sorted_z.masked_fill(drop, float("-inf")))
-        probs = z.softmax(-1)
-        cand = torch.multinomial(probs, 1, generator=generator).squeeze(1)     # (M,)
-        conf = probs.gather(1, cand[:, None]).squeeze(1)
-    return cand, conf, logp_model.gather(1, cand[:, None]).squeeze(1)
-
-
-def descending_rank(score):
-    """rank[i, j] = place of score[i, j] in its row sorted high to low (0 = highest); stable on ties."""
-    order = score.sort(dim=1, descending=True, stable=True).indices
-    arange = torch.arange(score.shape[1], device=score.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, arange)
-
-
-def choose_commits(todo, conf, quota, remasking: str, threshold: float):
-    """Which masked positions a step commits. todo: (n, B) still masked; conf: (M,) the confidence of
-    each masked position (row-major over todo); quota: (n,) the step's n_s. Returns (n, B) bool:
-    static the n_s most confident; dynamic every position with conf > tau, or the n_s most confident
-    if fewer pass (ties broken by position)."""
-    score = torch.full(todo.shape, float("-inf"), device=todo.device)
-    score[todo] = conf                                                        # (n, B)
-    n_commit = quota
-    if remasking == "dynamic":
-        n_commit = torch.maximum(n_commit, (score > threshold).sum(1))
-    n_commit = torch.minimum(n_commit, todo.sum(1))
-    return todo & (descending_rank(score) < n_commit[:, None])
-
-
-def eoser_factor(s: int, n_steps: torch.Tensor, g_min: float, g_max: float) -> torch.Tensor:
-    """EOSER's g_s = g_min + (g_max - g_min) s / (n - 1) for each row's n planned steps; g_max if n = 1."""
-    frac = s / (n_steps - 1).clamp(min=1)
-    return torch.where(n_steps > 1, g_min + (g_max - g_min) * frac, g_max)
+# generate (section 3) lays a batch out in one padded frame and steps a Decoder through it. The KV cache
+# (KVCache) is allocated once for the frame and written in place: a step writes its block's keys and values
+# into the block's own slots, which the next step overwrites, until the block is final. Rows that have stopped
+# stay in the frame, masked out, until half of the rows have stopped; then the live rows are moved to the
+# front of the same buffers (Decoder.compact). With --compile every step shape is captured once as a CUDA
+# graph. The Engine is what rollouts and evaluation sample from: the policy, or a copy of its weights in the
+# compute dtype (bf16 on a GPU, whole on every process under FSDP), in batches of --rollout-batch rows.
 
 
 @dataclass
@@ -1188,8 +1926,8 @@ def row_bucket(n: int, capacity: int) -> int:
 
 
 class Decoder:
-    """The sampler's forward passes. One per batch of generate calls (e.g. all rollouts of an RL step):
-    it holds the KV cache, sized for `rows` x `width`. With graphs=True the steps have fixed shapes (rows
+    """The sampler's forward passes. One serves a batch of generate calls (all rollouts of an RL step; with
+    graphs, every call of the run): it holds the KV cache, sized for `rows` x `width`. With graphs=True the steps have fixed shapes (rows
     in powers of two, padded with finished rows; keys in multiples of KV_BUCKET, later slots masked), and
     on CUDA each shape (rows, query width, key length) is captured once as a CUDA graph and replayed at
     every step of that shape: one launch instead of ~50 kernel launches per layer. Without a cache
@@ -1264,9 +2002,24 @@ class Decoder:
             self.masks[key] = mask, torch.arange(q0, c + B, device=dev)
         return self.masks[key]
 
-    def keep_rows(self, keep: torch.Tensor) -> None:
+    def rows_for(self, n: int) -> int:
+        """The rows a call with n prompts decodes: n, or with graphs a row bucket (padded with finished rows)."""
+        return row_bucket(n, self.rows) if self.graphs else n
+
+    def compact(self, frame: Frame) -> Frame:
+        """Once half of the frame's rows or more have finished, the live rows move to the front of the frame and
+        of the KV cache (with graphs, plus finished rows up to a row bucket): a few copies per call, never one
+        per step. Until then finished rows stay in the batch, masked out."""
+        n, n_live = frame.x.shape[0], int(frame.live.sum())
+        if n_live > n // 2:
+            return frame
+        keep = frame.live.nonzero()[:, 0]
+        if self.graphs:
+            extra = (~frame.live).nonzero()[:, 0][: row_bucket(n_live, self.rows) - n_live]
+            keep = torch.cat([keep, extra]).sort().values
         if self.cache is not None:
             self.cache.keep_rows(keep)
+        return frame.select(keep)
 
     # --- CUDA graphs (--compile) ---
     def replay(self, ids, pos, mask, write_at):
@@ -1295,563 +2048,6 @@ class Decoder:
         return g
 
 
-def finish_rows(frame: Frame, c: int, B: int, stops, max_new_tokens: int, prompts, offset: int, results: list,
-                decoder: Decoder, graphs: bool) -> Frame:
-    """After the block at column c: rows that produced a stop token in it, or reached their last block,
-    become Generations; when half of the frame's rows are finished, the live rows are compacted to the
-    front (frame and cache)."""
-    c_end = c + B
-    stopped = (torch.isin(frame.x[:, c:c_end], stops) & frame.is_resp[:, c:c_end]).any(1)   # (n,)
-    done = frame.live & (stopped | (frame.end <= c_end))
-    for i in done.nonzero()[:, 0].tolist():
-        r = frame.is_resp[i, :c_end]
-        ids = frame.x[i, :c_end][r]
-        hit = torch.isin(ids[:max_new_tokens], stops).nonzero()
-        results[int(frame.index[i])] = Generation(
-            ids=ids.tolist(), step_map=frame.step_map[i, :c_end][r].tolist(), logprobs=frame.logp[i, :c_end][r].tolist(),
-            nfe=int(frame.nfe[i]), n_tokens=int(hit[0]) + 1 if len(hit) else min(len(ids), max_new_tokens),
-            stopped=bool(len(hit)), prompt_len=len(prompts[int(frame.index[i])]), offset=offset)
-    frame.live &= ~done
-    n, n_live = frame.x.shape[0], int(frame.live.sum())
-    if 0 < n_live <= n // 2:
-        keep = frame.live.nonzero()[:, 0]
-        if graphs:                                  # fill up to a bucket with finished rows
-            extra = (~frame.live).nonzero()[:, 0][: row_bucket(n_live, decoder.rows) - n_live]
-            keep = torch.cat([keep, extra]).sort().values
-        decoder.keep_rows(keep)
-        frame = frame.select(keep)
-    return frame
-
-
-@torch.no_grad()
-def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids: Sequence[int] = (),
-             block_size: int = 4, steps: int | None = None, remasking: str = "dynamic", threshold: float = 0.9,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, max_new_tokens: int = 64,
-             offset: int = 0, eoser: tuple[float, float] | None = None, generator=None,
-             kv_cache: bool = True, decoder: Decoder | None = None) -> list[Generation]:
-    """Decode a response for every prompt (lists of token ids); one Generation per prompt, in order.
-
-    block_size B, steps K (default B), remasking static/dynamic/ass, threshold tau, offset of the block
-    boundaries (0 <= offset < B), eoser = (gamma_min, gamma_max) to scale stop-token confidences (EOSER).
-    `decoder` reuses one Decoder (its cache and CUDA graphs) over several calls; by default each call
-    makes its own. kv_cache=False recomputes the whole sequence at every step (for checks)."""
-    B, K = block_size, steps or block_size
-    if not 0 <= offset < B:
-        raise UsageError(f"offset must be in [0, {B}), got {offset}")
-    if remasking not in CHOICES["remasking"]:
-        raise UsageError(f"--remasking must be one of {', '.join(CHOICES['remasking'])}, got {remasking!r}")
-    check_fits(max(len(p) for p in prompts), max_new_tokens, model.config.max_position_embeddings, B, offset)
-    was_training = model.training
-    model.eval()                       # (training mode with gradient checkpointing would disable the cache)
-    dev = next(model.parameters()).device
-    N = len(prompts)
-    graphs = decoder is not None and decoder.graphs
-    rows = row_bucket(N, decoder.rows) if graphs else N       # a graph's rows: pad with dead copies of row 0
-    frame = padded_frame(list(prompts) + [prompts[0]] * (rows - N), B, offset, max_new_tokens,
-                         decoder.width if decoder else 0, stop_ids[0] if stop_ids else mask_id, dev)
-    frame.live[N:] = False
-    decoder = decoder or Decoder(model, rows, frame.x.shape[1], kv_cache)
-    decoder.start(frame, B, offset)
-    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
-    results: list[Generation | None] = [None] * N
-    L = int(frame.end.max())
-
-    for c in range(frame.D, L, B):
-        todo = frame.is_resp[:, c: c + B] & frame.live[:, None]               # (n, B) still masked
-        xb = torch.where(todo, mask_id, frame.x[:, c: c + B])                 # (n, B)
-        quotas = step_quotas(todo.sum(1), K, remasking)                       # (n, steps)
-        n_steps = (quotas > 0).sum(1)                                         # (n,) steps this block plans
-        for s in range(quotas.shape[1]):
-            if not todo.any():
-                break
-            h = decoder.step(frame, xb, c, store_previous=s == 0 and c > frame.D)   # (n, B, H)
-            frame.nfe += todo.any(1)
-            cand, conf, logp = propose(model.lm_head(h[todo]), temperature, top_k, top_p, generator, mask_id)
-            if eoser is not None:      # EOSER: stop-token confidence x g_s, rising to g_max
-                g = eoser_factor(s, n_steps, *eoser)[todo.nonzero()[:, 0]]     # (M,) each position's row
-                conf = torch.where(torch.isin(cand, stops), conf * g, conf)
-            commit = choose_commits(todo, conf, quotas[:, s], remasking, threshold)   # (n, B)
-            tok, lp = torch.zeros_like(xb), torch.zeros(todo.shape, device=dev)
-            tok[todo], lp[todo] = cand, logp
-            xb = torch.where(commit, tok, xb)
-            frame.step_map[:, c: c + B] = torch.where(commit, frame.nfe[:, None], frame.step_map[:, c: c + B])
-            frame.logp[:, c: c + B] = torch.where(commit, lp, frame.logp[:, c: c + B])
-            todo &= ~commit
-        frame.x[:, c: c + B] = xb
-        frame = finish_rows(frame, c, B, stops, max_new_tokens, prompts, offset, results, decoder, graphs)
-        if not frame.live.any():
-            break
-    model.train(was_training)
-    return results
-
-
-def response_text(tokenizer, g: Generation) -> str:
-    """The response as text: tokens through the first stop (at most max_new_tokens), special tokens removed."""
-    return tokenizer.decode(g.ids[: g.n_tokens], skip_special_tokens=True)
-
-
-def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool = False) -> dict:
-    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation."""
-    return dict(mask_id=tokenizer.mask_token_id, stop_ids=stop_token_ids(model, tokenizer), block_size=block_size,
-                steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
-                temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
-                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
-
-
-# ======================================================================================================
-# 6. Warm start: block-diffusion SFT (SDAR's loss)
-# ======================================================================================================
-# Training sequences use one layout for the warm start and for TraceRL (section 7):
-#     [ prompt | clean response | noisy copy of the response's blocks ]
-# with positions repeated for the noisy copy. The noisy copy starts at the first position of the block
-# holding the first response token, so it carries the prompt's tail unmasked, exactly as the sampler's
-# first block does. Under block_attention_mask a noisy block sees the clean blocks before it and itself,
-# which is what the sampler's forward saw: the trainer reproduces the sampler's logits.
-#
-# SDAR's loss (arXiv 2510.06303): per sample t ~ U(0, 1), p = (1 - eps) t + eps; every response token is masked
-# with probability p; the loss is the cross-entropy of the masked tokens divided by p, averaged over response
-# tokens. The tiny model's warm start stands in for SDAR's "AR-initialised small-block model".
-
-
-def diffusion_layout(prompt, response, masked, block_size: int, offset: int, mask_id: int):
-    """R training sequences of one sample, one per noisy version of its response.
-
-    prompt (P,), response (L,) long; masked (R, L) bool, True where the noisy copy shows a mask.
-    Returns ids, pos, noisy (R, T) and col (L,), the column of response token i's noisy copy."""
-    P, L, R = len(prompt), len(response), masked.shape[0]
-    b0 = block_start(P, block_size, offset)
-    clean = torch.cat([prompt, response, prompt[b0:]])                           # (P + L + P - b0,)
-    ids = torch.cat([clean.expand(R, -1), torch.where(masked, mask_id, response)], 1)   # (R, T)
-    pos = torch.cat([torch.arange(P + L), torch.arange(b0, P + L)]).to(prompt.device)
-    noisy = torch.arange(len(pos), device=prompt.device) >= P + L
-    col = P + L + (P - b0) + torch.arange(L, device=prompt.device)
-    return ids, pos.expand(R, -1), noisy.expand(R, -1), col
-
-
-def pad_rows(ids, pos, noisy, pad_id: int):
-    """Right-pad lists of 1-D row tensors into (n, T) tensors plus the real-token mask."""
-    from torch.nn.utils.rnn import pad_sequence
-
-    valid = pad_sequence([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in ids], batch_first=True)
-    return (pad_sequence(list(ids), batch_first=True, padding_value=pad_id),
-            pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
-
-
-def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_size: int, offset: int,
-                    value_head=None, entropy: bool = False):
-    """log p(label) at (rows, cols) of a padded batch of training sequences, and optionally the value
-    head's estimate there and the entropy of the model's distribution there (for the log).
-    ids/pos/noisy/valid: (n, T); rows, cols, labels: (M,). Returns logp, values, entropy: (M,) or None."""
-    mask = block_attention_mask(pos, noisy, pos, noisy, valid, block_size, offset)    # (n, 1, T, T)
-    h = hidden_states(model, ids, pos, mask)[rows, cols]                                # (M, H)
-    logits = model.lm_head(h).float()                                                   # (M, V)
-    logp = -F.cross_entropy(logits, labels, reduction="none")                           # (M,)
-    values = None
-    if value_head is not None:                  # fp32: autocast would run the Linear in bf16 whatever its input
-        with torch.autocast(h.device.type, enabled=False):
-            values = value_head(h.detach().float()).squeeze(-1)
-    ent = None
-    if entropy:                                                                         # H = -sum_v p log p
-        logp_all = logits.detach().log_softmax(-1)
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, values, ent
-
-
-def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: int, pad_id: int,
-                         generator=None, eps: float = 1e-3):
-    """SDAR's loss on a batch of (prompt, response) id tensors, blocks at offset 0.
-
-    Each response is padded with eos to the end of its last block (the pads are targets: the model learns
-    to finish a block with eos). Per sample t ~ U(0,1), p = (1 - eps) t + eps; every response token is
-    masked with probability p (at least one). Loss = sum over masked tokens of CE / p, divided by the
-    number of response tokens in the batch."""
-    dev = prompts[0].device
-    rows, pieces, weights, total = [], [], [], 0
-    for j, (prompt, response) in enumerate(zip(prompts, responses)):
-        P = len(prompt)
-        padded_len = block_size * math.ceil((P + len(response)) / block_size) - P
-        response = torch.cat([response, response.new_full((padded_len - len(response),), pad_id)])
-        p = (1 - eps) * torch.rand((), generator=generator) + eps
-        u = torch.rand(padded_len, generator=generator)
-        masked = ((u < p) | (u == u.min())).to(dev)                                   # (L,)
-        ids, pos, noisy, col = diffusion_layout(prompt, response, masked[None], block_size, 0, mask_id)
-        pieces.append((ids[0], pos[0], noisy[0], col[masked], response[masked]))
-        weights.append(torch.full((int(masked.sum()),), 1.0 / float(p)))
-        rows.append(torch.full((int(masked.sum()),), j))
-        total += padded_len
-    ids, pos, noisy, valid = pad_rows(*zip(*[(a, b, c) for a, b, c, _, _ in pieces]), pad_id=pad_id)
-    logp, _, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev),
-                                 torch.cat([p[3] for p in pieces]), torch.cat([p[4] for p in pieces]),
-                                 block_size, 0)
-    return -(logp * torch.cat(weights).to(dev)).sum() / total
-
-
-def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
-    """Block-diffusion SFT of a freshly initialised model on the toy train split, at cfg.block_size.
-    Stands in for SDAR's "AR-initialised small-block model". Returns the loss of every step."""
-    prompts = [torch.tensor(tokenizer.encode(q), dtype=torch.long, device=device) for q in problems["question"]]
-    answers = [torch.tensor(tokenizer.encode(a) + [tokenizer.eos_token_id], device=device)
-               for a in problems["answer"]]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warm_start_lr, betas=(0.9, 0.98), weight_decay=0.0)
-    # lr = peak x min(1, (s+1)/warmup) x (0.1 + 0.9 (1 + cos(pi s/T)) / 2): a linear warm-up times a cosine
-    # to 10%. transformers' get_cosine_with_min_lr_schedule_with_warmup is the same idea, but runs the cosine
-    # only after the warm-up; this product form is kept because the README's tables were made with it.
-    warmup = max(1, cfg.warm_start_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.warm_start_steps)))))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model.train()
-    losses = []
-    bar = tqdm(range(cfg.warm_start_steps), desc=f"warm start (B={cfg.block_size})", disable=not is_main(), mininterval=10)
-    for _ in bar:
-        pick = torch.randint(len(prompts), (cfg.warm_start_batch,), generator=gen).tolist()
-        loss = block_diffusion_loss(model, [prompts[i] for i in pick], [answers[i] for i in pick],
-                                    cfg.block_size, tokenizer.mask_token_id, tokenizer.eos_token_id, gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", refresh=False)
-    return losses
-
-
-# ======================================================================================================
-# 7. Trace rounds (TraceRL, arXiv 2509.06949)
-# ======================================================================================================
-# The rollout recorded, for every response token, the step at which it was finalized. Training rebuilds
-# the states the sampler actually visited. Inside each block, sort the block's distinct step ids; round r
-# takes the r-th of them in every block at once:
-#     targets  the tokens finalized at that step,
-#     masked   every token of the block finalized at that step or later (earlier ones stay visible).
-# Blocks that have run out of steps are fully visible in later rounds. Example, B=4 (P target, M masked,
-# . visible), step map [1,1,2,1 | 3,5,4,6 | 7,7,7,7]:
-#     round 1  PPMP PMMM PPPP     round 2  ..P. .MPM ....     round 3  .... .P.M ....     round 4  .... ...P ....
-# shrink s merges each run of s consecutive distinct steps of a block into one round: its targets are
-# predicted together from the state before the run (s = 1 reproduces the trajectory exactly).
-
-
-def trace_rounds(step_map: Sequence[int], block_size: int, offset: int = 0, prompt_len: int = 0,
-                 shrink: int = 1):
-    """Step map of one response -> (targets, masked), two (rounds, L) bool tensors (see above)."""
-    s = torch.as_tensor(step_map, dtype=torch.long)                                    # (L,)
-    blocks = block_index(prompt_len + torch.arange(len(s)), block_size, offset)        # (L,)
-    blocks = blocks - blocks.min()
-    key = blocks * (int(s.max()) + 1) + s                   # sorts by block, then by step
-    unique_keys, inverse = torch.unique(key, return_inverse=True)                      # sorted
-    _, per_block = torch.unique_consecutive(unique_keys // (int(s.max()) + 1), return_counts=True)
-    first_of_block = torch.repeat_interleave(torch.cumsum(per_block, 0) - per_block, per_block)
-    rank = (torch.arange(len(unique_keys)) - first_of_block)[inverse]   # (L,) step's rank in its block
-    group = rank // shrink                                                             # (L,)
-    rounds = torch.arange(int(group.max()) + 1)[:, None]                               # (R, 1)
-    return group[None, :] == rounds, group[None, :] >= rounds
-
-
-@dataclass
-class TraceBatch:
-    """Training sequences of a rollout batch, one per (sample, round), and their targets.
-
-    Target arrays are flat over the whole batch and ordered by sequence: the targets of sequence k are
-    ptr[k]:ptr[k+1]."""
-    ids: list                    # per sequence: (T,) tokens of [prompt | clean response | noisy copy]
-    pos: list                    # per sequence: (T,) positions
-    noisy: list                  # per sequence: (T,) noisy flags
-    ptr: torch.Tensor            # (n_seq + 1,)
-    col: torch.Tensor            # (M,) column of the target in its sequence
-    label: torch.Tensor          # (M,) target token
-    sample: torch.Tensor         # (M,) which rollout sample
-    token: torch.Tensor          # (M,) index of the token in its response
-    round: torch.Tensor          # (M,) trace round (0-based)
-    step: torch.Tensor           # (M,) denoising step at which the sampler committed the target
-    sampler_logp: torch.Tensor   # (M,) log-prob the sampler saw
-
-
-def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int], block_size: int, offset: int,
-                      shrink: int, mask_id: int) -> TraceBatch:
-    """Trace rounds of the chosen samples laid out for training. The layout uses the rollout's own offset,
-    so every noisy block sees exactly what the sampler saw when it committed the targets."""
-    ids, pos, noisy, cols, labels, sample, token, rnds, steps, lps, counts = [], [], [], [], [], [], [], [], [], [], []
-    for j in samples:
-        g = gens[j]
-        response = torch.tensor(g.ids, dtype=torch.long)
-        targets, masked = trace_rounds(g.step_map, block_size, offset, g.prompt_len, shrink)    # (R, L)
-        r_ids, r_pos, r_noisy, col = diffusion_layout(torch.tensor(prompts[j], dtype=torch.long), response, masked,
-                                                      block_size, offset, mask_id)
-        ids += list(r_ids)
-        pos += list(r_pos)
-        noisy += list(r_noisy)
-        rnd, i = targets.nonzero(as_tuple=True)                                   # (round, token) pairs, row-major
-        counts.append(targets.sum(1))
-        cols.append(col[i])
-        labels.append(response[i])
-        sample.append(torch.full_like(i, j))
-        token.append(i)
-        rnds.append(rnd)
-        steps.append(torch.tensor(g.step_map)[i])
-        lps.append(torch.tensor(g.logprobs)[i])
-    counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
-    cat = lambda xs, dtype=torch.long: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
-    return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
-                      cat(cols), cat(labels), cat(sample), cat(token), cat(rnds), cat(steps), cat(lps, torch.float))
-
-
-LOGIT_BYTES = 2 ** 30    # fp32 logits of a micro-batch's targets: at most this much (1,766 targets at SDAR's vocab)
-
-
-def micro_batches(tb: TraceBatch, seqs: Sequence[int], micro_batch: int, vocab_size: int) -> list[list[int]]:
-    """The training sequences `seqs` in groups of one forward each: at most micro_batch sequences, whose
-    targets' fp32 logits (targets x vocab x 4 bytes) stay within LOGIT_BYTES (a sequence with more targets
-    forms a group alone). With real weights dynamic decoding commits most of a block at its first step, so one
-    trace round can hold most of a response as targets: four such sequences of 2000 tokens would make 4.9 GB
-    of logits per copy at SDAR's vocabulary of 151,936."""
-    max_targets = max(1, LOGIT_BYTES // (4 * vocab_size))
-    groups, group, targets = [], [], 0
-    for k in seqs:
-        m = int(tb.ptr[k + 1] - tb.ptr[k])
-        if group and (len(group) == micro_batch or targets + m > max_targets):
-            groups.append(group)
-            group, targets = [], 0
-        group.append(k)
-        targets += m
-    return groups + [group] if group else groups
-
-
-def score_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence[int]], block_size: int,
-                    offset: int, pad_id: int, n_chunks: int | None = None, entropy: bool = False):
-    """Forward the training sequences one micro-batch (a list of sequence indices, micro_batches) at a time.
-    Yields (targets, logp, values, entropy) per micro-batch: the indices of its targets in tb's flat arrays and
-    their log-probs, values and (with entropy=True) the entropy of the policy there, each (M_mb,).
-
-    n_chunks: yield exactly this many micro-batches, the last ones empty. Under FSDP every process must run
-    the same number of forwards (each one gathers the sharded weights with the others); an empty
-    micro-batch forwards a one-token dummy and yields zero-length slices of its outputs, so a loss built
-    from them is 0 and its backward still reaches every weight."""
-    dev = next(model.parameters()).device
-    for chunk in list(chunks) + [[]] * ((n_chunks or len(chunks)) - len(chunks)):
-        if not chunk:                                        # the dummy: one clean token, its own target
-            one = torch.tensor([[pad_id]], device=dev)
-            z = torch.zeros_like(one)
-            logp, values, ent = forward_targets(model, one, z, z.bool(), z == 0, z[0], z[0], one[0], block_size, 0,
-                                                value_head, entropy)
-            yield (torch.zeros(0, dtype=torch.long), logp[:0], None if values is None else values[:0],
-                   None if ent is None else ent[:0])
-            continue
-        counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
-        tgt = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in chunk])
-        ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
-                                          [tb.noisy[k] for k in chunk], pad_id)
-        rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)
-        logp, values, ent = forward_targets(model, ids.to(dev), pos.to(dev), noisy.to(dev), valid.to(dev),
-                                            rows.to(dev), tb.col[tgt].to(dev), tb.label[tgt].to(dev),
-                                            block_size, offset, value_head, entropy)
-        yield tgt, logp, values, ent
-
-
-# ======================================================================================================
-# 8. TraceRL loss, value head and GAE (TraceRL, arXiv 2509.06949)
-# ======================================================================================================
-# Rewards to advantages. Each prompt has G samples with 0/1 rewards r. Prompts whose samples all agree
-# (reward variance 0) carry no signal and are dropped, as are prompts whose accuracy lies outside
-# --acc-band (TraceRL keeps [0.2, 0.8]). Per kept group:
-#     gae    (TraceRL)   z = (r - mean) / std, placed on the tokens of the last denoising step, then GAE
-#     group  (CJ-GRPO)   A = r - mean on every token, no value head
-#
-# The value head is a linear layer on the policy's final hidden states, read at the same noisy positions
-# as the targets. Its input is detached: value gradients do not reach the trunk. TraceRL trains a
-# separate value model; sharing the trunk would let a fresh, noisy value loss move the policy's weights
-# at a learning rate chosen for the policy, so we keep them apart and give the head its own (larger)
-# learning rate. The price: the value is a linear probe of features learned for the policy.
-#
-# GAE over denoising steps. For one sample, t runs over its distinct steps in chronological order (all
-# blocks together). With per-step means r*_t and V*_t of the token rewards and values finalized at t,
-#     delta_t = r*_t - V*_t + gamma V*_{t+1}           A*_t = delta_t + gamma lambda A*_{t+1}
-#     A_i = r_i - V_i + gamma V*_{t+1} + gamma lambda A*_{t+1}        R_i = r_i + gamma R*_{t+1}
-# for token i finalized at t (the values after the last step are 0). With gamma = lambda = 1 this is
-# A_i = R - V_i: the outcome minus the token's own value.
-#
-# Policy loss per target token (PPO clip, k3 KL to the pre-update policy):
-#     rho = exp(logp - logp_old)      L_i = -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta (e^d - 1 - d),
-#     d = logp_old - logp.
-# Normalisation: TraceRL (gae) averages over all target tokens of the minibatch (not a padded length);
-# CJ-GRPO (group) averages within each trace round, then over the rounds of a sample, then over samples.
-# Value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2), averaged over tokens.
-
-
-def group_advantages(rewards: torch.Tensor, mode: str = "gae", band: tuple[float, float] = (0.0, 1.0)):
-    """rewards (prompts, G) -> (advantages, keep), both (prompts, G). Dropped groups get advantage 0."""
-    mean = rewards.mean(1, keepdim=True)
-    std = rewards.std(1, unbiased=False, keepdim=True)
-    keep = (std > 0) & (mean >= band[0]) & (mean <= band[1])
-    adv = (rewards - mean) / std.clamp(min=1e-8) if mode == "gae" else rewards - mean
-    keep = keep.expand_as(rewards)
-    return torch.where(keep, adv, 0.0), keep
-
-
-def gae_over_steps(rewards, values, step_map, gamma: float = 1.0, lam: float = 1.0):
-    """Per-token advantages and returns by GAE over denoising steps (equations above).
-
-    rewards, values: (N, L) float; step_map: (N, L) long, the step of each token, 0 for padding. 1-D
-    inputs are one sample. Returns (advantages, returns) shaped like rewards (0 at padding)."""
-    one = rewards.dim() == 1
-    if one:
-        rewards, values, step_map = rewards[None], values[None], step_map[None]
-    N, T = rewards.shape[0], int(step_map.max())
-    zeros = torch.zeros(N, T + 1, dtype=rewards.dtype, device=rewards.device)
-    count = zeros.scatter_add(1, step_map, torch.ones_like(rewards))                 # (N, T+1); slot 0 = padding
-    r_star = zeros.scatter_add(1, step_map, rewards) / count.clamp(min=1)            # per-step means
-    v_star = zeros.scatter_add(1, step_map, values) / count.clamp(min=1)
-    adv, ret = torch.zeros_like(rewards), torch.zeros_like(rewards)
-    next_v, next_a, next_r = (torch.zeros(N, 1, dtype=rewards.dtype, device=rewards.device) for _ in range(3))
-    for t in range(T, 0, -1):                       # backwards over steps; the same for every sample
-        at = step_map == t                                                           # (N, L)
-        adv = torch.where(at, rewards - values + gamma * next_v + gamma * lam * next_a, adv)
-        ret = torch.where(at, rewards + gamma * next_r, ret)
-        has = count[:, t: t + 1] > 0                # a sample whose step t exists moves its "next"
-        a_t = r_star[:, t: t + 1] - v_star[:, t: t + 1] + gamma * next_v + gamma * lam * next_a
-        next_r = torch.where(has, r_star[:, t: t + 1] + gamma * next_r, next_r)
-        next_a = torch.where(has, a_t, next_a)
-        next_v = torch.where(has, v_star[:, t: t + 1], next_v)
-    return (adv[0], ret[0]) if one else (adv, ret)
-
-
-def token_advantages(outcome, sample, token, step, values, gamma: float = 1.0, lam: float = 1.0):
-    """Per-target advantages and returns of TraceRL (equations above), for the targets of S samples.
-
-    outcome: (S,) each sample's z-scored reward; sample, token, step, values: (M,) per target its sample
-    (0..S-1), its index in the response, the denoising step that committed it, and V_old. The outcome is
-    the reward of the tokens of the sample's last step; every other token's reward is 0. Returns (M,), (M,)."""
-    steps = torch.zeros(len(outcome), int(token.max()) + 1, dtype=torch.long)     # (S, L) step maps, 0 = none
-    steps[sample, token] = step
-    v = torch.zeros(steps.shape)
-    v[sample, token] = values
-    last = steps.max(1, keepdim=True).values                                    # (S, 1) each sample's final step
-    reward = torch.where(steps == last, outcome[:, None].float(), 0.0)            # (S, L)
-    adv, ret = gae_over_steps(reward, v, steps, gamma, lam)
-    return adv[sample, token], ret[sample, token]
-
-
-def ppo_token_loss(logp, logp_old, adv, clip_eps: float, beta: float):
-    """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,)."""
-    ratio = torch.exp(logp - logp_old)
-    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
-    d = logp_old - logp
-    kl = torch.exp(d) - 1 - d
-    return -surrogate + beta * kl, ratio, kl
-
-
-def clipped_value_loss(values, values_old, returns, clip_eps: float):
-    """Per-token PPO value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)."""
-    clipped = values_old + (values - values_old).clamp(-clip_eps, clip_eps)
-    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
-
-
-def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
-    """Weight of each target in the policy loss, before normalisation (section 8 header):
-    gae: 1 per token (the loss is a mean over tokens); group: 1 / (tokens in its round) / (rounds of its
-    sample), so that each sample weighs 1, spread evenly over its rounds. The caller divides by the sum of
-    the weights over all processes, which makes the loss of N processes that of one on their union."""
-    M = len(tb.label)
-    if mode == "gae":
-        return torch.ones(M)
-    key = tb.sample * (int(tb.round.max()) + 1 if M else 1) + tb.round
-    _, inv, per_round = torch.unique(key, return_inverse=True, return_counts=True)
-    _, s_inv = torch.unique(tb.sample, return_inverse=True)
-    rounds_per_sample = torch.zeros(int(s_inv.max()) + 1 if M else 0).scatter_reduce(
-        0, s_inv, tb.round.float() + 1, reduce="amax")
-    return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv])
-
-
-def explained_variance(returns, values) -> float:
-    """1 - Var(R - V) / Var(R) over the targets of all processes (0 when the returns do not vary)."""
-    n = dist_sum(len(returns))
-    if n < 2:
-        return 0.0
-    mean = dist_sum(returns.sum().item()) / n
-    var_r = dist_sum(((returns - mean) ** 2).sum().item()) / n
-    err = returns - values
-    err_mean = dist_sum(err.sum().item()) / n
-    var_e = dist_sum(((err - err_mean) ** 2).sum().item()) / n
-    return 1 - var_e / var_r if var_r > 1e-8 else 0.0
-
-
-def new_value_head(model) -> torch.nn.Linear:
-    head = torch.nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    return head
-
-
-# ======================================================================================================
-# 9. Metrics
-# ======================================================================================================
-# accuracy     mean reward over all samples;  pass@k  P(at least one of k samples right), unbiased
-# TPF          tokens per forward: sum of response tokens / sum of NFE (a ratio of sums over the batch)
-# LocalStrict  over adjacent response-token pairs (i, i+1) inside one block, the fraction decoded in
-#              left-to-right order, s_i <= s_{i+1} (1 = strictly left to right). T* (arXiv 2601.11214)
-#              reports LocalStrict without a formula; this is this file's definition.
-# clipped      the fraction of responses cut by the length limit (they score 0)
-# Every one is a ratio of sums over the samples of all processes (rollout_stats), for RL steps and
-# evaluation alike.
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k)."""
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def tokens_per_forward(n_tokens: Sequence[int], nfes: Sequence[int]) -> float:
-    """TPF = sum of response tokens / sum of denoising forwards."""
-    return sum(n_tokens) / max(1, sum(nfes))
-
-
-def local_strict(step_maps: Sequence[Sequence[int]], prompt_lens: Sequence[int], block_size: int,
-                 offset: int = 0, as_counts: bool = False):
-    """Fraction of adjacent response-token pairs inside one block with s_i <= s_{i+1}; NaN if there are no
-    pairs. With as_counts=True, the (ordered pairs, pairs) behind it, for ratios of sums over processes."""
-    ordered = pairs = 0
-    for steps, P in zip(step_maps, prompt_lens):
-        s = torch.as_tensor(steps)
-        blocks = block_index(P + torch.arange(len(s)), block_size, offset)
-        same = blocks[1:] == blocks[:-1]                                   # (L-1,) pairs inside one block
-        ordered += int(((s[:-1] <= s[1:]) & same).sum())
-        pairs += int(same.sum())
-    if as_counts:
-        return ordered, pairs
-    return ordered / pairs if pairs else float("nan")
-
-
-def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: int = 0) -> dict:
-    """accuracy, TPF, LocalStrict, mean length and NFE, and the fraction of responses cut by the length
-    limit (TRL's clipped_ratio), each a ratio of sums over the samples of all processes."""
-    ordered, pairs = local_strict([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
-                                  block_size, offset, as_counts=True)
-    s = {k: dist_sum(v) for k, v in dict(
-        samples=len(gens), correct=float(torch.as_tensor(rewards).sum()), tokens=sum(g.n_tokens for g in gens),
-        nfe=sum(g.nfe for g in gens), ordered=ordered, pairs=pairs, cut=sum(not g.stopped for g in gens)).items()}
-    n = max(1.0, s["samples"])
-    return dict(accuracy=s["correct"] / n, tpf=s["tokens"] / max(1.0, s["nfe"]),
-                local_strict=s["ordered"] / s["pairs"] if s["pairs"] else float("nan"),
-                length=s["tokens"] / n, nfe=s["nfe"] / n, clipped_ratio=s["cut"] / n)
-
-
-# ======================================================================================================
-# 10. The RL step
-# ======================================================================================================
-# One TraceRL step (rl_step):
-#   1. rollouts: G samples per prompt at temperature 1 from the Sampler, and their rewards (collect_rollouts);
-#   2. the states the sampler visited, as training sequences (trace rounds, section 7);
-#   3. old log-probs and values at the pre-update weights, in the same layout (old_policy_scores); the largest
-#      difference to the log-probs the sampler saw is logged as the trajectory gap;
-#   4. advantages per target token (section 8);
-#   5. PPO: --minibatches optimizer steps on shuffled shares of the sequences (ppo_minibatches).
-# What samples is the Sampler: the policy itself on one process in fp32, else a copy of its whole weights in
-# the compute dtype, refreshed before every rollout and evaluation, so that rollouts run at inference speed
-# in bf16 while training keeps fp32 master weights, and, under FSDP, so that no denoising step has to
-# gather shards.
-
-
 def fuse_rms_norms(model) -> None:
     """Run every RMSNorm of a model that only samples as torch.rms_norm: one fused CUDA kernel where
     transformers' module launches eight (to fp32, square, mean, add eps, rsqrt, multiply, to bf16, times the
@@ -1865,8 +2061,8 @@ def fuse_rms_norms(model) -> None:
             m.forward = lambda x, m=m: torch.rms_norm(x, m.weight.shape, m.weight, m.variance_epsilon)
 
 
-class Sampler:
-    """What the sampler runs on, for rollouts and evaluation. On one process with weights already in the
+class Engine:
+    """What rollouts and evaluation sample from (nanochat's name for it). On one process with weights already in the
     compute dtype (the CPU default, fp32) that is the policy itself, so the trainer recomputes the
     sampler's log-probs exactly. Otherwise (bf16 on CUDA; always under FSDP, where no process holds whole
     weights) it is a copy of the policy in the compute dtype, refreshed from the policy's weights before
@@ -1886,6 +2082,7 @@ class Sampler:
         self.policy, self.rows, self.graphs, self.width = policy, rows, graphs, width
         self.keep, self.decoder = graphs if keep is None else keep, None
         p = next(policy.parameters())
+        self.device = p.device
         if p.dtype == dtype and not is_sharded(policy):
             self.model = policy
         else:
@@ -1913,6 +2110,8 @@ class Sampler:
         in-place writes (index_copy_, scatter_) that gain nothing here."""
         if not prompts:
             return []
+        check_fits(max(map(len, prompts)), kwargs["max_new_tokens"], self.model.config.max_position_embeddings,
+                   kwargs["block_size"], kwargs.get("offset", 0))
         capacity = rows or self.rows
         if self.graphs:                   # a power of two, which compaction halves into shapes already captured
             capacity = 1 << (capacity.bit_length() - 1)
@@ -1924,467 +2123,77 @@ class Sampler:
         if decoder is None or decoder.rows < rows or decoder.width < width:
             decoder = Decoder(self.model, rows, width, graphs=self.graphs)
             self.decoder = decoder if self.keep else None
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(False)
         gens = []
-        try:
+        with deterministic(False):
             for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False,
                           disable=not is_main() or len(prompts) <= rows):
                 gens += generate(self.model, prompts[i: i + rows], decoder=decoder, **kwargs)
-        finally:
-            torch.use_deterministic_algorithms(deterministic, warn_only=True)
         return gens
 
 
-@dataclass
-class Rollouts:
-    """The samples of one RL step on this process, G per problem."""
-    prompts: list            # per sample: the prompt's token ids
-    gens: list               # per sample: its Generation
-    rewards: torch.Tensor    # (problems, G): 1/0 correctness; a response cut by the length limit scores 0
-    block_size: int
-    offset: int
-
-
-def rewards_of(gens: Sequence[Generation], problems: Sequence[dict], tokenizer, reward_fn) -> torch.Tensor:
-    """(samples,) rewards: reward_fn of each response's text, 0 for a response cut by the length limit."""
-    return torch.tensor([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
-                         for g, p in zip(gens, problems)])
-
-
-def collect_rollouts(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
-                     block_size: int, offset: int, generator) -> Rollouts:
-    """G samples per problem at the rollout temperature (1.0; dynamic remasking by default), and rewards."""
-    G = cfg.group_size
-    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems for _ in range(G)]
-    sampler.refresh()
-    gens = sampler.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
-                            **sampler_kwargs(cfg, sampler.model, tokenizer, block_size, rollout=True))
-    rewards = rewards_of(gens, [p for p in problems for _ in range(G)], tokenizer, reward_fn)     # (samples,)
-    return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
-
-
-@torch.no_grad()
-def old_policy_scores(policy, value_head, tb: TraceBatch, cfg: Config, block_size: int, offset: int, pad_id: int):
-    """log p_old, V_old and the policy's entropy at every target, (M,) each, from one pass at the
-    pre-update weights (micro-batches; under FSDP as many on every process)."""
-    dev = next(policy.parameters()).device
-    M = len(tb.label)
-    logp_old, v_old, entropy = torch.zeros(M), torch.zeros(M), torch.zeros(M)
-    chunks = micro_batches(tb, range(len(tb.ids)), cfg.micro_batch, policy.config.vocab_size)
-    with autocast(cfg, dev):
-        for tgt, logp, values, ent in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id,
-                                                      int(dist_max(len(chunks))), entropy=True):
-            logp_old[tgt], v_old[tgt], entropy[tgt] = logp.float().cpu(), values.float().cpu(), ent.cpu()
-    return logp_old, v_old, entropy
-
-
-def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, adv, ret, weights, cfg: Config,
-                    block_size: int, offset: int, pad_id: int, shuffle) -> dict:
-    """--minibatches optimizer steps, each on a shuffled share of the training sequences. The losses are
-    divided by global sums (weights, tokens); FSDP averages gradients over the N processes, so each loss
-    is also multiplied by N: the gradient is that of the global mean. Returns the logged statistics."""
-    dev = next(policy.parameters()).device
-    n_proc = world()[1]
-    policy.train()
-    order = torch.randperm(len(tb.ids), generator=shuffle).tolist()
-    clipped, kls, vlosses, plosses, norms = [], [], [], [], []
-    for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches):
-        mb = mb.tolist()
-        tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb] or
-                            [torch.zeros(0, dtype=torch.long)])
-        norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)              # over all processes
-        n_tok = max(dist_sum(len(tgt_all)), 1)
-        chunks = micro_batches(tb, mb, cfg.micro_batch, policy.config.vocab_size)
-        with autocast(cfg, dev):
-            for tgt, logp, values, _ in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id,
-                                                        int(dist_max(len(chunks)))):
-                per_tok, ratio, kl = ppo_token_loss(logp.float(), logp_old[tgt].to(dev), adv[tgt].to(dev),
-                                                    cfg.clip_eps, cfg.beta)
-                loss = (per_tok * weights[tgt].to(dev)).sum() / norm
-                plosses.append(loss.item())
-                if ret is not None:
-                    vl = clipped_value_loss(values, v_old[tgt].to(dev), ret[tgt].to(dev), cfg.clip_eps)
-                    loss = loss + vl.sum() / n_tok
-                    vlosses.append(vl.detach().cpu())
-                (loss * n_proc).backward()
-                clipped.append(((ratio - 1).abs() > cfg.clip_eps).detach().cpu())
-                kls.append(kl.detach().cpu())
-        norms.append(float(full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))))
-        opt.step()
-        opt.zero_grad(set_to_none=True)          # free the gradients before the next rollouts
-    clipped, kls = torch.cat(clipped).float(), torch.cat(kls)
-    stats = dict(clip_frac=dist_sum(clipped.sum().item()) / max(1.0, dist_sum(len(clipped))),
-                 kl=dist_sum(kls.sum().item()) / max(1.0, dist_sum(len(kls))),
-                 policy_loss=dist_sum(sum(plosses)) / cfg.minibatches, grad_norm=float(np.mean(norms)))
-    if vlosses:
-        vlosses = torch.cat(vlosses)
-        stats["value_loss"] = dist_sum(vlosses.sum().item()) / max(1.0, dist_sum(len(vlosses)))
-    return stats
-
-
-def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int, pad_id: int, shuffle) -> dict:
-    """The TraceRL update on a batch of rollouts (steps 2-5 of rl_step). Under FSDP each process passes its
-    own rollouts; every mean is taken over all processes, so N processes make the update one process would
-    make on the union of their rollouts (with --minibatches 1; with more, each process splits its own)."""
-    B, offset = ro.block_size, ro.offset
-    # which samples teach something: per group, z-scored rewards (gae) or rewards minus the mean (group)
-    scores, keep = group_advantages(ro.rewards, cfg.advantage, cfg.band)                  # (prompts, G)
-    kept = keep.flatten().nonzero()[:, 0].tolist()
-    stats = rollout_stats(ro.gens, ro.rewards, B, offset)
-    stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))), traj_gap=0.0, traj_gap_max=0.0,
-                 traj_gap_over=0.0, explained_var=0.0, clip_frac=0.0, kl=0.0, value_loss=0.0, policy_loss=0.0,
-                 grad_norm=0.0, entropy=0.0)
-
-    # 2. the states the sampler visited, as training sequences
-    tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id)
-    M = len(tb.label)
-    if dist_sum(M) == 0:                         # no prompt with signal on any process: nothing to learn
-        return stats
-
-    # 3. old log-probs and values: the pre-update weights, the same layout
-    logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, cfg, B, offset, pad_id)
-    # the trajectory gap |log p_old - log p_sampler| per target: ~1e-7 when the policy samples itself (fp32), a
-    # rounding error with a bf16 rollout copy; its mean, the share above 0.1 and its largest value
-    gap, n_targets = (logp_old - tb.sampler_logp).abs(), dist_sum(M)
-    stats.update(traj_gap=dist_sum(gap.sum().item()) / n_targets, traj_gap_max=dist_max(gap.max().item() if M else 0.0),
-                 traj_gap_over=dist_sum((gap > 0.1).sum().item()) / n_targets,
-                 entropy=dist_sum(entropy.sum().item()) / n_targets)
-
-    # 4. advantages per target token: the outcome spread over each sample's denoising steps by GAE
-    #    (TraceRL), or the sample's own advantage on every token (CJ-GRPO)
-    if cfg.advantage == "gae":
-        adv, ret = torch.zeros(M), torch.zeros(M)
-        if M:                                    # (a process can hold no kept sample while others do)
-            row = torch.full((len(ro.gens),), -1, dtype=torch.long)
-            row[kept] = torch.arange(len(kept))                                           # sample -> 0..S-1
-            outcome = scores.flatten()[kept]                                              # (S,) z-scored rewards
-            adv, ret = token_advantages(outcome, row[tb.sample], tb.token, tb.step, v_old, cfg.gamma, cfg.gae_lambda)
-        stats["explained_var"] = explained_variance(ret, v_old)
-    else:
-        adv, ret = scores.flatten()[tb.sample], None
-    weights = token_weights(tb, cfg.advantage)
-
-    # 5. PPO: --minibatches optimizer steps
-    stats.update(ppo_minibatches(policy, value_head, opt, tb, logp_old, v_old, adv, ret, weights, cfg, B, offset,
-                                 pad_id, shuffle))
-    return stats
-
-
-def rl_step(policy, value_head, opt, sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
-            block_size: int, offset: int, generator) -> dict:
-    """One TraceRL step: rollouts from the sampler, then a PPO update of the policy and the value head.
-    `generator` drives the sampling on the model's device; the shuffle of the update runs on the CPU (on
-    the CPU that is the same generator, continued)."""
-    t0 = time.time()
-    ro = collect_rollouts(sampler, tokenizer, problems, reward_fn, cfg, block_size, offset, generator)
-    shuffle = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
-    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id, shuffle)
-    return {**stats, "seconds": time.time() - t0}
+def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool = False) -> dict:
+    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation."""
+    return dict(mask_id=tokenizer.mask_token_id, stop_ids=stop_token_ids(model, tokenizer), block_size=block_size,
+                steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
+                temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
+                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
 
 
 # ======================================================================================================
-# 11. The T* curriculum (T*, arXiv 2601.11214)
-# ======================================================================================================
-# T* runs TraceRL at B, then doubles B (4 -> 8 -> 16 -> 32); each stage starts from the previous stage's
-# weights and value head, with a fresh optimizer. Inside a stage a fraction of the RL batches (default
-# half) use shifted block boundaries, offset = B/2, for the rollout and for the training layout alike,
-# so the trajectory stays consistent; the other batches use offset 0. Evaluation always uses offset 0.
-# The shifted batches are spread evenly over the stage: batch k is shifted iff floor((k+1) f) > floor(k f).
-# --direct is the paper's baseline: the same number of stages and steps, all at the final block size.
-#
-# train() is the whole method: an evaluation of the start model, then per stage --steps-per-stage RL steps at
-# the stage's block size and planned offsets, an evaluation at every evaluation block size, and a checkpoint.
-
-
-def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction: float,
-               direct: bool = False) -> list[tuple[int, list[int]]]:
-    """[(B, [offset of each RL step])] per stage."""
-    plan = []
-    for B in block_sizes:
-        B = block_sizes[-1] if direct else B
-        offsets = [B // 2 if math.floor((k + 1) * shift_fraction) > math.floor(k * shift_fraction) else 0
-                   for k in range(steps_per_stage)]
-        plan.append((B, offsets))
-    return plan
-
-
-def train(cfg: Config, model, value_head, sampler: Sampler, tokenizer, train_problems, eval_sets, reward_fn,
-          out: Path, device, done: int, log: MetricsLog) -> None:
-    """The T* loop: stages of TraceRL at growing block sizes, evaluation and a checkpoint after each;
-    `done` stages were finished by an earlier run (--resume)."""
-    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
-    if done == 0:
-        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "start", plan[0][0], 0)
-    rank, size = world()
-    for k in range(done, len(plan)):
-        B, offsets = plan[k]
-        stage = k + 1
-        opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
-                                 {"params": value_head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
-        for step, offset in enumerate(offsets):
-            rng = random.Random(f"{cfg.seed}-{k}-{step}")                       # same on every process
-            problems = rng.sample(train_problems, cfg.prompts_per_step)[rank::size]
-            generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + k * 10_007 + step * 101 + rank)
-            stats = rl_step(model, value_head, opt, sampler, tokenizer, problems, reward_fn, cfg, B, offset, generator)
-            rec = dict(kind="train", stage=stage, block_size=B, offset=offset, stage_step=step,
-                       step=k * cfg.steps_per_stage + step + 1, **stats)
-            log.write(rec)
-            if is_main():
-                print(f"stage {stage} B={B:<2d} off={offset:<2d} step {rec['step']:4d} | acc {rec['accuracy']:.3f} "
-                      f"kept {rec['kept']:.2f} cut {rec['clipped_ratio']:.2f} TPF {rec['tpf']:.2f} "
-                      f"LS {rec['local_strict']:.3f} len {rec['length']:.1f} | loss {rec['policy_loss']:+.3f} "
-                      f"ent {rec['entropy']:.2f} clip {rec['clip_frac']:.3f} kl {rec['kl']:.1e} "
-                      f"gnorm {rec['grad_norm']:.2f} vloss {rec['value_loss']:.3f} ev {rec['explained_var']:+.2f} "
-                      f"gap {rec['traj_gap']:.1e} max {rec['traj_gap_max']:.1e} >0.1 {rec['traj_gap_over']:.3f} | "
-                      f"{rec['seconds']:.1f}s", flush=True)
-        evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, stage, f"stage{stage}", B,
-                       stage * cfg.steps_per_stage)
-        sums = check_in_sync(sampler)
-        save_checkpoint(stage_dir(out, stage, B), model, tokenizer, value_head,
-                        info=dict(task=cfg.train_dataset, stage=stage, block_size=B, plan=plan,
-                                  config=dataclasses.asdict(cfg), rollout_copy_sum_per_process=sums))
-        barrier()
-    if is_main():
-        table = results_table(log.records, cfg)
-        (out / "results.md").write_text(table + "\n")
-        plot_curves(log.records, out / "curves.png")
-        print("\n" + table + f"\n\nwrote {out / 'metrics.jsonl'}, {out / 'results.md'}, {out / 'curves.png'}")
-
-
-# ======================================================================================================
-# 12. Evaluation
-# ======================================================================================================
-# Evaluation decodes every problem of each evaluation set --eval-samples times at offset 0 and reports the
-# metrics of section 9 per block size, summed over processes (each takes every N-th problem). After each stage
-# the decoding order of a few samples at the stage's block size is drawn (the paper's Figure 4).
-
-
-@torch.no_grad()
-def evaluate(sampler: Sampler, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int,
-             seed: int = 0):
-    """Metrics of one evaluation set at one block size (offset 0), over all processes. Returns the
-    metrics dict and this process's generations (for pictures of the decoding order)."""
-    rank, size = world()
-    mine = list(problems)[rank::size]                                     # every N-th problem per process
-    n = cfg.eval_samples
-    prompts = [encode_prompt(tokenizer, p["question"]) for p in mine for _ in range(n)]
-    # the same seed for every stage's evaluation of a block size: stages differ by their weights only
-    generator = torch.Generator(next(sampler.model.parameters()).device).manual_seed(seed * 1000 + rank)
-    t0 = time.time()
-    gens = sampler.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
-                            generator=generator, **sampler_kwargs(cfg, sampler.model, tokenizer, block_size))
-    seconds = dist_sum(time.time() - t0) / size                           # the processes ran side by side
-    rewards = rewards_of(gens, [p for p in mine for _ in range(n)], tokenizer, reward_fn).numpy().reshape(-1, n)
-    metrics = rollout_stats(gens, rewards, block_size)
-    n_problems = dist_sum(len(mine))
-    metrics.update({f"pass@{n}": dist_sum(sum(pass_at_k(n, int(c), n) for c in rewards.sum(1))) / max(1, n_problems),
-                    "tokens_per_s": metrics["length"] * dist_sum(len(gens)) / max(1e-9, seconds),
-                    "problems": int(n_problems)})
-    return dict(block_size=block_size, **metrics), gens
-
-
-def evaluate_stage(sampler: Sampler, tokenizer, eval_sets, reward_fn, cfg: Config, out: Path, log: MetricsLog,
-                   stage: int, label: str, stage_block_size: int, step: int) -> None:
-    """Evaluate at every evaluation block size, log it, and draw the decoding order at the stage's B."""
-    sampler.refresh()                             # (the rollout copy: the weights this stage ended with)
-    for name, problems in eval_sets.items():
-        for B in cfg.eval_sizes:
-            metrics, gens = evaluate(sampler, tokenizer, problems, reward_fn, cfg, B, seed=cfg.seed + stage)
-            log.write(dict(kind="eval", stage=stage, label=label, dataset=name, stage_block_size=stage_block_size,
-                           step=step, **metrics))
-            if is_main():
-                print(f"  eval {label:>10} {name} B={B:<3d} acc {metrics['accuracy']:.3f}  "
-                      f"pass@{cfg.eval_samples} {metrics[f'pass@{cfg.eval_samples}']:.3f}  TPF {metrics['tpf']:.2f}  "
-                      f"LocalStrict {metrics['local_strict']:.3f}  len {metrics['length']:.1f}  "
-                      f"cut {metrics['clipped_ratio']:.2f}  {metrics['tokens_per_s']:.0f} tok/s")
-                if (B == stage_block_size or cfg.eval_only) and gens:     # eval-only: a picture per B
-                    plot_trajectories(gens[:8], B, out / f"trajectory-{stage}-{label}-B{B}.png",
-                                      f"{label}: decoding order at B={B} ({name})")
-                    if cfg.show_trajectory:
-                        for g in gens[:2]:
-                            print(render_trajectory(tokenizer, g, B) + "\n")
-
-
-def results_table(records: Sequence[dict], cfg: Config) -> str:
-    """Rows: warm start (or the start model), then each stage; columns: accuracy and TPF at each
-    evaluation block size, and LocalStrict at each."""
-    sizes = cfg.eval_sizes
-    rows = {}                                     # (stage, dataset) -> one row of the table
-    for r in records:
-        if r["kind"] == "eval":                   # one record per (stage, dataset, block size)
-            row = rows.setdefault((r["stage"], r["dataset"]), {"model": r["label"], "dataset": r["dataset"]})
-            for key in ("accuracy", "tpf", "local_strict"):
-                row[f"{key}@{r['block_size']}"] = r[key]
-    columns = [("model", "model"), ("dataset", "data")]
-    columns += [(f"accuracy@{B}", f"acc B={B}") for B in sizes] + [(f"tpf@{B}", f"TPF B={B}") for B in sizes]
-    columns += [(f"local_strict@{B}", f"LS B={B}") for B in sizes]
-    return format_table([rows[k] for k in sorted(rows)], columns)
-
-
-def evaluate_only(cfg: Config, sampler: Sampler, tokenizer, eval_sets, reward_fn, out: Path) -> None:
-    """--eval-only: the metrics of --model at every evaluation block size, as a table and eval.json."""
-    log = MetricsLog(out / "eval.jsonl")
-    evaluate_stage(sampler, tokenizer, eval_sets, reward_fn, cfg, out, log, 0, "eval", cfg.block_size, 0)
-    if is_main():
-        columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
-                   (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"), ("nfe", "NFE"),
-                   ("local_strict", "LocalStrict"), ("length", "mean length"), ("clipped_ratio", "cut"),
-                   ("tokens_per_s", "tokens/s")]
-        table = format_table(log.records, columns)
-        (out / "eval.json").write_text(json_text(log.records, indent=1))
-        print("\n" + table + f"\n\nwrote {out / 'eval.json'}")
-
-
-# ######################################################################################################
-# Plumbing. Everything below runs the method rather than being it: devices and processes, memory, the out
-# dir and its checkpoints, logs and plots, and the entry point. Read on only to change how tstar runs.
-# ######################################################################################################
-
-
-# ======================================================================================================
-# 13. Devices and processes
-# ======================================================================================================
-# One process (the CPU, or one GPU) or torchrun. Under torchrun every process samples its share of the prompts
-# from a whole copy of the weights (Sampler) and trains its share of the sequences on the policy sharded by
-# PyTorch's FSDP2 (fully_shard): each decoder layer, the trunk (embedding, final norm) and the LM head are units
-# whose fp32 weights, gradients and AdamW state are split over the processes and gathered per unit for each
-# forward; gradients are reduce-scattered. The value head is a unit of its own. Every process must run the
-# same number of forwards (score_sequences pads with empty micro-batches). Metrics are summed over processes
-# (dist_sum); only rank 0 prints, logs and saves. On CUDA, deterministic algorithms (and cuBLAS's workspace
-# setting, made at import) make --resume reproduce an uninterrupted run.
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} requested but CUDA is not available")
-    return torch.device(name)
-
-
-def setup_device(cfg: Config) -> torch.device:
-    """The device, and under torchrun the process group (process_group_backend): one GPU per process. On CUDA, deterministic algorithms (and the cuBLAS workspace setting, made at import), so that
-    --resume reproduces an uninterrupted run."""
-    import torch.distributed as dist
-
-    device = resolve_device(cfg.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():   # started by torchrun
-        if device.type == "cuda":                 # one GPU per process: LOCAL_RANK picks it
-            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
-            if per_node > gpus:
-                raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU(s): "
-                                 f"use --nproc_per_node {gpus} (or --device cpu)")
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group(process_group_backend(device), device_id=device if device.type == "cuda" else None)
-    if device.type == "cuda":
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    return device
-
-
-def process_group_backend(device: torch.device) -> str:
-    """A backend for every device a collective of tstar uses: gloo for CPU tensors (dist_reduce sums numbers as
-    CPU tensors, on every run), NCCL for CUDA tensors (FSDP's gathers and reduce-scatters on a GPU run). NCCL
-    alone has no CPU backend: the first metric summed would fail."""
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-
-
-def is_main() -> bool:
-    """Only rank 0 prints progress, writes logs and saves checkpoints."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def world() -> tuple[int, int]:
-    import torch.distributed as dist
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def dist_reduce(x: float, op: str) -> float:
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
-    return t.item()
-
-
-def dist_sum(x: float) -> float:
-    """Sum of a number over all processes (the number itself when not distributed)."""
-    return dist_reduce(x, "SUM")
-
-
-def dist_max(x: float) -> float:
-    """Largest value of a number over all processes."""
-    return dist_reduce(x, "MAX")
-
-
-def barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.tensor import DTensor
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def full_tensor(t):
-    """The whole tensor behind a DTensor shard (a collective: every process must call it), else t."""
-    from torch.distributed.tensor import DTensor
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def shard(model, value_head, device) -> None:
-    """FSDP2 over all processes: units per decoder layer, the trunk, the LM head and the value head."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (world()[1],))      # one flat group: every process holds 1/N
-    for layer in model.model.layers:              # a layer's weights are gathered just before its forward
-        fully_shard(layer, mesh=mesh)
-    for unit in (model.model, model.lm_head, value_head):    # called directly (hidden_states, forward_targets)
-        fully_shard(unit, mesh=mesh)
-
-
-def full_state_dict(module) -> dict:
-    """The module's whole weights as CPU tensors on rank 0 ({} elsewhere); every process takes part."""
-    out = {}
-    for k, v in module.state_dict().items():      # one tensor at a time: no process holds two whole copies
-        v = full_tensor(v)
-        if is_main():
-            out[k] = v.detach().cpu()
-    return out
-
-
-def check_in_sync(sampler) -> list[float]:
-    """Under torchrun every process samples from a whole copy of the weights (Sampler.refresh), and all of
-    them must be one policy: a copy left stale would sample from other weights, silently. Compares one float64
-    sum per parameter of every process's copy, computed on its device (cheap) and gathered; stops with a
-    clear error if any differs. (FSDP's shards need no check: they are parts of one tensor by construction.)
-    Returns each process's total, [] when not distributed."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return []
-    mine = [float(p.detach().sum(dtype=torch.float64)) for p in sampler.model.parameters()]
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    if any(theirs != mine for theirs in every):
-        raise RuntimeError(f"the processes' rollout copies hold different weights (sums {[sum(e) for e in every]})")
-    return [sum(e) for e in every]
-
-
-# ======================================================================================================
-# 14. Memory and the rollout batch
+# 15. Memory: the trainer's micro-batches, the rollout batch
 # ======================================================================================================
 # What a GPU holds, per process: the fp32 weights and AdamW's two moments (12 bytes per parameter, / N under
 # FSDP) always; the gradients (4 bytes / N) and activations while training; the rollout copy (2 bytes per
 # parameter in bf16, whole) and the KV cache of the rollout batch while sampling. The gradients are freed
-# before each rollout, so the two peaks do not add up, unless the Sampler keeps its Decoder (CUDA graphs:
+# before each rollout, so the two peaks do not add up, unless the Engine keeps its Decoder (CUDA graphs:
 # captured once, into the same KV cache), whose KV cache then stays while the policy trains. The rollout batch
 # is chosen from the free memory at start (memory_plan) unless --rollout-batch sets it, and a batch that cannot
-# fit is an error at start, not an out-of-memory error an hour later.
+# fit is an error at start, not an out-of-memory error an hour later. The trainer's micro-batches are bounded by
+# sequences (--micro-batch) and by the logits of their targets (micro_batches).
+
+
+LOGIT_BYTES = 2 ** 30    # fp32 logits of a micro-batch's targets: at most this much (1,766 targets at SDAR's vocab)
+
+
+def micro_batches(tb: TraceBatch, seqs: Sequence[int], micro_batch: int, vocab_size: int) -> list[list[int]]:
+    """The training sequences `seqs` in groups of one forward each: at most micro_batch sequences, whose
+    targets' fp32 logits (targets x vocab x 4 bytes) stay within LOGIT_BYTES (a sequence with more targets
+    forms a group alone). With real weights dynamic decoding commits most of a block at its first step, so one
+    trace round can hold most of a response as targets: four such sequences of 2000 tokens would make 4.9 GB
+    of logits per copy at SDAR's vocabulary of 151,936."""
+    max_targets = max(1, LOGIT_BYTES // (4 * vocab_size))
+    groups, group, targets = [], [], 0
+    for k in seqs:
+        m = int(tb.ptr[k + 1] - tb.ptr[k])
+        if group and (len(group) == micro_batch or targets + m > max_targets):
+            groups.append(group)
+            group, targets = [], 0
+        group.append(k)
+        targets += m
+    return groups + [group] if group else groups
+
+
+def score_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence[int]], block_size: int,
+                    offset: int, pad_id: int, entropy: bool = False):
+    """Forward the training sequences one micro-batch (a list of sequence indices, micro_batches) at a time.
+    Yields (targets, logp, values, entropy) per micro-batch: the indices of its targets in tb's flat arrays and
+    their log-probs, values and (with entropy=True) the entropy of the policy there, each (M_mb,). An empty
+    micro-batch (the padding of as_many_everywhere) forwards a stand-in and yields empty tensors."""
+    dev = next(model.parameters()).device
+    for chunk in chunks:
+        if not chunk:
+            yield (torch.zeros(0, dtype=torch.long), *idle_forward(model, value_head, pad_id, entropy))
+            continue
+        counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
+        tgt = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in chunk])
+        ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
+                                          [tb.noisy[k] for k in chunk], pad_id)
+        rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)
+        logp, values, ent = forward_targets(model, ids.to(dev), pos.to(dev), noisy.to(dev), valid.to(dev),
+                                            rows.to(dev), tb.col[tgt].to(dev), tb.label[tgt].to(dev),
+                                            block_size, offset, value_head, entropy)
+        yield tgt, logp, values, ent
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -2484,13 +2293,193 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
 
 
 # ======================================================================================================
-# 15. Checkpoints
+# 16. Devices and processes
+# ======================================================================================================
+# One process (the CPU, or one GPU) or torchrun. Under torchrun every process samples its share of the prompts
+# from a whole copy of the weights (Engine) and trains its share of the sequences on the policy sharded by
+# PyTorch's FSDP2 (fully_shard): each decoder layer, the trunk (embedding, final norm) and the LM head are units
+# whose fp32 weights, gradients and AdamW state are split over the processes and gathered per unit for each
+# forward; gradients are reduce-scattered. The value head is a unit of its own. Every process must run the
+# same number of forwards (as_many_everywhere, idle_forward). Metrics are summed over processes (dist_sum);
+# only rank 0 prints, logs and saves. On CUDA, deterministic algorithms (and cuBLAS's workspace setting, made
+# at import) make --resume reproduce an uninterrupted run.
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def setup_device(cfg: Config) -> torch.device:
+    """The device, and under torchrun the process group (process_group_backend): one GPU per process."""
+    import torch.distributed as dist
+
+    device = resolve_device(cfg.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():   # started by torchrun
+        if device.type == "cuda":                 # one GPU per process: LOCAL_RANK picks it
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+            if per_node > gpus:
+                raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU(s): "
+                                 f"use --nproc_per_node {gpus} (or --device cpu)")
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group(process_group_backend(device), device_id=device if device.type == "cuda" else None)
+    return device
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """torch's deterministic-algorithms switch, set for the block and restored after it: on for a CUDA run
+    (with cuBLAS's workspace setting, made at import, --resume then reproduces an uninterrupted run), off while
+    sampling (the sampler's ops are deterministic as written, and the switch would swap in sort-based kernels
+    for its in-place writes that gain nothing)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=True)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """A backend for every device a collective of tstar uses: gloo for CPU tensors (dist_reduce sums numbers as
+    CPU tensors, on every run), NCCL for CUDA tensors (FSDP's gathers and reduce-scatters on a GPU run). NCCL
+    alone has no CPU backend: the first metric summed would fail."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def world() -> tuple[int, int]:
+    """(rank, number of processes): (0, 1) without torchrun."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def is_main() -> bool:
+    """Only rank 0 prints progress, writes logs and saves checkpoints."""
+    return world()[0] == 0
+
+
+def dist_reduce(x: float, op: str) -> float:
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
+    return t.item()
+
+
+def dist_sum(x: float) -> float:
+    """Sum of a number over all processes (the number itself when not distributed)."""
+    return dist_reduce(x, "SUM")
+
+
+def dist_max(x: float) -> float:
+    """Largest value of a number over all processes."""
+    return dist_reduce(x, "MAX")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensor(t):
+    """The whole tensor behind a DTensor shard (a collective: every process must call it), else t."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard(model, value_head, device) -> None:
+    """FSDP2 over all processes: units per decoder layer, the trunk, the LM head and the value head."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world()[1],))      # one flat group: every process holds 1/N
+    for layer in model.model.layers:              # a layer's weights are gathered just before its forward
+        fully_shard(layer, mesh=mesh)
+    for unit in (model.model, model.lm_head, value_head):    # called directly (hidden_states, forward_targets)
+        fully_shard(unit, mesh=mesh)
+
+
+def full_state_dict(module) -> dict:
+    """The module's whole weights as CPU tensors on rank 0 ({} elsewhere); every process takes part."""
+    out = {}
+    for k, v in module.state_dict().items():      # one tensor at a time: no process holds two whole copies
+        v = full_tensor(v)
+        if is_main():
+            out[k] = v.detach().cpu()
+    return out
+
+
+def check_in_sync(sampler) -> list[float]:
+    """Under torchrun every process samples from a whole copy of the weights (Sampler.refresh), and all of
+    them must be one policy: a copy left stale would sample from other weights, silently. Compares one float64
+    sum per parameter of every process's copy, computed on its device (cheap) and gathered; stops with a
+    clear error if any differs. (FSDP's shards need no check: they are parts of one tensor by construction.)
+    Returns each process's total, [] when not distributed."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return []
+    mine = [float(p.detach().sum(dtype=torch.float64)) for p in sampler.model.parameters()]
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if any(theirs != mine for theirs in every):
+        raise RuntimeError(f"the processes' rollout copies hold different weights (sums {[sum(e) for e in every]})")
+    return [sum(e) for e in every]
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Clip the gradient of the model's weights to a norm of max_norm; returns the norm before clipping (under
+    FSDP the norm over every process's shards)."""
+    return float(full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+
+
+def as_many_everywhere(chunks: list) -> list:
+    """The micro-batches, padded with empty ones to as many as the process with most has: under FSDP every
+    forward gathers the sharded weights with every other process, so all must run the same number."""
+    return list(chunks) + [[]] * (int(dist_max(len(chunks))) - len(chunks))
+
+
+def idle_forward(model, value_head, pad_id: int, entropy: bool):
+    """The forward of an empty micro-batch (as_many_everywhere): one clean token, its own target. Returns
+    empty (logp, values, entropy), so that a loss built from them is 0 while its backward still reaches every
+    weight (FSDP's gradient reduce-scatter needs every process too)."""
+    one = torch.tensor([[pad_id]], device=next(model.parameters()).device)
+    z = torch.zeros_like(one)
+    logp, values, ent = forward_targets(model, one, z, z.bool(), z == 0, z[0], z[0], one[0], 1, 0, value_head, entropy)
+    return logp[:0], None if values is None else values[:0], None if ent is None else ent[:0]
+
+
+# ======================================================================================================
+# 17. Checkpoints and the out dir: one run at a time, nothing lost
 # ======================================================================================================
 # A checkpoint is a save_pretrained directory of the whole fp32 weights (FSDP shards are gathered first) plus
 # the tokenizer, value_head.safetensors, and tstar.json, which says what it is: the task, the stage, the
 # curriculum and the whole config (--resume compares it with the current one). It is written into a hidden
-# temporary directory and renamed into place, so a stage directory is whole or absent. The tiny model's warm
-# start is saved the same way and reused when its settings match.
+# temporary directory and renamed into place, so a stage directory is whole or absent. A run holds an OS lock
+# on out/tstar.lock while it lasts; a second run into the same out dir stops with one line. A fresh training run
+# refuses an out dir that holds stage checkpoints (they would be taken for its own), the tiny model's warm start
+# is reused only if made with the same settings and never replaced, and --resume takes the last finished stage
+# only if it was trained with the same settings (RESUME_MAY_DIFFER lists those that may change). A file tstar
+# wrote that it cannot read back is one line of error naming it (read_json).
+
+
+def read_json(path: Path, fix: str):
+    """A JSON file tstar wrote (a checkpoint's tstar.json, ...). One that cannot be read back was damaged
+    outside tstar: one line of error naming it and `fix`, what to do."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path} cannot be read back ({getattr(e, 'msg', '') or type(e).__name__}): {fix}") from None
 
 
 def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | None = None) -> None:
@@ -2527,7 +2516,7 @@ def load_value_head(model, path: Path) -> torch.nn.Linear:
 def warm_start_settings(cfg: Config) -> dict:
     """Everything that shapes the warm start: equal settings mean a saved one can be reused as it is."""
     return dict(config=json.loads(Path(cfg.model).read_text()), seed=cfg.seed, steps=cfg.warm_start_steps,
-                batch=cfg.warm_start_batch, lr=cfg.warm_start_lr, block_size=cfg.block_size,
+                batch=cfg.warm_start_batch, lr=cfg.warm_start_lr, block_size=cfg.base_block_size,
                 train_size=cfg.train_size, test_size=cfg.test_size)
 
 
@@ -2559,17 +2548,10 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
     return load_model_and_tokenizer(str(path), device, torch.float32)[0]
 
 
-def stage_dir(out: Path, stage: int, block_size: int) -> Path:
-    return out / f"stage{stage}-B{block_size}"
-
-
-# ======================================================================================================
-# 16. The out dir: one run at a time, never two runs' files
-# ======================================================================================================
-# A run holds an OS lock on out/tstar.lock while it lasts; a second run into the same out dir stops with one
-# line. A fresh training run refuses an out dir that holds stage checkpoints (they would be taken for its own),
-# a warm start is reused only if made with the same settings and never replaced, and --resume takes the last
-# finished stage only if it was trained with the same settings (RESUME_MAY_DIFFER lists those that may change).
+def stage_dir(cfg: Config, out: Path, stage: int) -> Path:
+    """out/stage{k}-B{B}: the checkpoint after stage k (from 1) of cfg's curriculum, at that stage's block size."""
+    B = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)[stage - 1][0]
+    return out / f"stage{stage}-B{B}"
 
 
 RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch", "compile", "micro_batch",
@@ -2647,9 +2629,8 @@ def stages_done(cfg: Config, out: Path) -> int:
     # every setting that shapes training must be the one the stage was trained with (the flags, not the values
     # finalize_config derives from them)
     differ = [k for k in now if k not in RESUME_MAY_DIFFER + DERIVED and saved.get(k) != now[k]]
-    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
     # (and the stage must exist in this curriculum, under the name this curriculum gives it)
-    if differ or done > len(plan) or last != stage_dir(out, done, plan[done - 1][0]):
+    if differ or done > len(cfg.curriculum) or last != stage_dir(cfg, out, done):
         changes = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in differ[:3])
         raise UsageError(f"--resume: stage {done} in {out} was trained with other settings "
                          f"({changes or 'another --block-sizes'}); resume with the same flags, or choose another --out-dir")
@@ -2657,11 +2638,11 @@ def stages_done(cfg: Config, out: Path) -> int:
 
 
 # ======================================================================================================
-# 17. Logs, tables and plots
+# 18. Logs, tables and plots
 # ======================================================================================================
-# metrics.jsonl gets one strict-JSON line per RL step and per evaluation (null where a metric is undefined),
-# appended as it is written; results.md the table of accuracy, TPF and LocalStrict per stage and block size;
-# curves.png the rollout accuracy and TPF per step; trajectory-*.png the decoding order of a few samples.
+# metrics.jsonl gets one strict-JSON line per RL step and per evaluation (null where a metric is undefined or
+# was not measured), appended as it is written; results.md the table of accuracy, TPF and LocalStrict per stage
+# and block size; curves.png the rollout accuracy and TPF per step; trajectory-*.png the decoding order.
 
 
 def json_text(obj, **kwargs) -> str:
@@ -2675,33 +2656,85 @@ def json_text(obj, **kwargs) -> str:
     return json.dumps(clean(obj), allow_nan=False, **kwargs)    # allow_nan=False: a NaN that slipped through raises
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per RL step and per evaluation, flushed as it is written by the one
-    run that holds the out dir's lock."""
+class Recorder:
+    """What a run keeps, all of it written by rank 0: metrics.jsonl (one strict-JSON line per RL step and per
+    evaluation, appended as it is written), one console line for each, the decoding order of a few samples
+    after each evaluation (trajectory-*.png), a checkpoint after each stage, and at the end results.md (the
+    table) and curves.png. A resumed run keeps the lines of its finished stages; a last line cut by an
+    interrupted write is dropped."""
 
-    def __init__(self, path: Path, keep_stages_below: int | None = None):
-        self.path = path
+    def __init__(self, cfg: Config, out: Path, tokenizer, log_name: str = "metrics.jsonl",
+                 keep_stages_below: int | None = None):
+        self.cfg, self.out, self.tokenizer, self.path = cfg, out, tokenizer, out / log_name
         self.records = []                         # every record of this run (for the table and the plots)
-        if keep_stages_below is not None and path.is_file():   # a resumed run drops an unfinished stage's lines
-            lines = path.read_text(errors="replace").splitlines()
+        if keep_stages_below is not None and self.path.is_file():   # a resumed run: its finished stages' lines
+            lines = self.path.read_text(errors="replace").splitlines()
             for i, line in enumerate(lines):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     if i == len(lines) - 1:       # cut by an interrupted write: a line of the unfinished stage
                         break
-                    raise UsageError(f"{path} line {i + 1} cannot be read back: delete that line (or the file: "
-                                     f"the resumed run's table then starts at stage {keep_stages_below})") from None
+                    raise UsageError(f"{self.path} line {i + 1} cannot be read back: delete that line (or the "
+                                     f"file: the resumed run's table then starts at stage {keep_stages_below})") from None
                 if record["stage"] < keep_stages_below:
                     self.records.append(record)
         if is_main():                             # a fresh run starts the file anew
-            path.write_text("".join(json_text(r) + "\n" for r in self.records))
+            self.path.write_text("".join(json_text(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
         self.records.append(record)
         if is_main():                             # appended line by line: an interrupted run keeps its lines
             with self.path.open("a") as f:
                 f.write(json_text(record) + "\n")
+
+    def rl_step(self, r: dict) -> None:
+        self.write(r)
+        if is_main():                             # "-" for what was not measured (None)
+            f = lambda key, spec: "-" if r[key] is None else format(r[key], spec)   # noqa: E731
+            print(f"stage {r['stage']} B={r['block_size']:<2d} off={r['offset']:<2d} step {r['step']:4d} | "
+                  f"acc {r['accuracy']:.3f} kept {r['kept']:.2f} truncated {r['truncated']:.2f} TPF {r['tpf']:.2f} "
+                  f"LS {f('local_strict', '.3f')} len {r['length']:.1f} | loss {f('policy_loss', '+.3f')} "
+                  f"ent {f('entropy', '.2f')} clipfrac {f('clipfrac', '.3f')} kl {f('kl', '.1e')} "
+                  f"gnorm {f('grad_norm', '.2f')} vloss {f('value_loss', '.3f')} ev {f('explained_var', '+.2f')} "
+                  f"gap {f('traj_gap', '.1e')} max {f('traj_gap_max', '.1e')} >0.1 {f('traj_gap_over', '.3f')} | "
+                  f"{r['seconds']:.1f}s", flush=True)
+
+    def evaluation(self, r: dict, gens: Sequence[Generation]) -> None:
+        """An evaluation at one block size; the decoding order is drawn at the stage's own B (every B with
+        --eval-only)."""
+        cfg, B = self.cfg, r["block_size"]
+        label = r["label"] = "eval" if cfg.eval_only else "start" if r["stage"] == 0 else f"stage{r['stage']}"
+        self.write(r)
+        if not is_main():
+            return
+        ls = "-" if r["local_strict"] is None else f"{r['local_strict']:.3f}"
+        print(f"  eval {label:>10} {r['dataset']} B={B:<3d} acc {r['accuracy']:.3f}  pass@{cfg.eval_samples} "
+              f"{r[f'pass@{cfg.eval_samples}']:.3f}  TPF {r['tpf']:.2f}  LocalStrict {ls}  len {r['length']:.1f}  "
+              f"truncated {r['truncated']:.2f}  {r['tokens_per_s']:.0f} tok/s")
+        if (B == r["stage_block_size"] or cfg.eval_only) and gens:
+            plot_trajectories(gens[:8], B, self.out / f"trajectory-{r['stage']}-{label}-B{B}.png",
+                              f"{label}: decoding order at B={B} ({r['dataset']})")
+            if cfg.show_trajectory:
+                for g in gens[:2]:
+                    print(render_trajectory(self.tokenizer, g, B) + "\n")
+
+    def stage_finished(self, stage: int, B: int, model, value_head, engine: Engine) -> None:
+        """The checkpoint of a finished stage (every process takes part: FSDP gathers the whole weights)."""
+        sums = check_in_sync(engine)
+        save_checkpoint(stage_dir(self.cfg, self.out, stage), model, self.tokenizer, value_head,
+                        info=dict(task=self.cfg.train_dataset, stage=stage, block_size=B,
+                                  plan=stage_plan(self.cfg.curriculum, self.cfg.steps_per_stage,
+                                                  self.cfg.shift_fraction, self.cfg.direct),
+                                  config=dataclasses.asdict(self.cfg), rollout_copy_sum_per_process=sums))
+        barrier()
+
+    def finished(self) -> None:
+        if is_main():
+            table = results_table(self.records, self.cfg)
+            (self.out / "results.md").write_text(table + "\n")
+            plot_curves(self.records, self.out / "curves.png")
+            print("\n" + table + f"\n\nwrote {self.path}, {self.out / 'results.md'}, {self.out / 'curves.png'}")
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
@@ -2713,11 +2746,27 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> st
     return "\n".join(lines)
 
 
+def results_table(records: Sequence[dict], cfg: Config) -> str:
+    """Rows: warm start (or the start model), then each stage; columns: accuracy and TPF at each
+    evaluation block size, and LocalStrict at each."""
+    sizes = cfg.eval_sizes
+    rows = {}                                     # (stage, dataset) -> one row of the table
+    for r in records:
+        if r["kind"] == "eval":                   # one record per (stage, dataset, block size)
+            row = rows.setdefault((r["stage"], r["dataset"]), {"model": r["label"], "dataset": r["dataset"]})
+            for key in ("accuracy", "tpf", "local_strict"):
+                row[f"{key}@{r['block_size']}"] = r[key]
+    columns = [("model", "model"), ("dataset", "data")]
+    columns += [(f"accuracy@{B}", f"acc B={B}") for B in sizes] + [(f"tpf@{B}", f"TPF B={B}") for B in sizes]
+    columns += [(f"local_strict@{B}", f"LS B={B}") for B in sizes]
+    return format_table([rows[k] for k in sorted(rows)], columns)
+
+
 def render_trajectory(tokenizer, g: Generation, block_size: int) -> str:
     """Text picture of one response: per block, its tokens and, under each, the order in which the block's
     tokens were finalized (1 = first step spent on that block)."""
     steps = torch.tensor(g.step_map[: g.n_tokens])
-    blocks = block_index(g.prompt_len + torch.arange(len(steps)), block_size, g.offset)
+    blocks = response_blocks(g.prompt_len, len(steps), block_size, g.offset)
     lines = []
     for b in blocks.unique().tolist():
         sel = (blocks == b).nonzero()[:, 0]                       # the block's tokens
@@ -2743,9 +2792,8 @@ def plot_trajectories(gens: Sequence[Generation], block_size: int, path: Path, t
     fig, ax = plt.subplots(figsize=(min(16, 2 + width / 6), 1 + 0.35 * len(gens)))
     for r, g in enumerate(gens):
         grid[r, : g.n_tokens] = np.array(g.step_map[: g.n_tokens]) / g.nfe
-        starts = [i for i in range(1, g.n_tokens)                 # the first token of each later block
-                  if block_index(g.prompt_len + i, block_size, g.offset) != block_index(g.prompt_len + i - 1, block_size, g.offset)]
-        for i in starts:
+        blocks = response_blocks(g.prompt_len, g.n_tokens, block_size, g.offset)
+        for i in ((blocks[1:] != blocks[:-1]).nonzero()[:, 0] + 1).tolist():     # each later block's first token
             ax.plot([i - 0.5, i - 0.5], [r - 0.5, r + 0.5], color="white", lw=1.5)
     # early steps dark, late steps bright: left-to-right decoding is a ramp, parallel decoding flat runs
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -2784,20 +2832,19 @@ def plot_curves(records: Sequence[dict], path: Path) -> None:
 
 
 # ======================================================================================================
-# 18. run and main
+# 19. run and main
 # ======================================================================================================
-# run() puts it together: the device and processes, the out dir, the model (after the warm start, or from the
-# stage being resumed), the data, the checks that need the model (block sizes, prompt lengths, memory), the
-# Sampler, and then evaluate_only or train. main() turns a UsageError into one line and exit code 2, and an
-# interrupt into exit code 130.
+# run() puts it together: the device and processes, the out dir, the model and the data, every check that
+# needs them (block sizes, prompt lengths, memory), the starting point (the warm start, or the stage being
+# resumed), the Engine, and then evaluate_only or train. main() turns a UsageError into one line and exit
+# code 2, and an interrupt into exit code 130.
 
 
 def run(cfg: Config) -> None:
     """The whole run for a checked config (finalize_config): train with T*, or --eval-only."""
     device = setup_device(cfg)                    # (and the process group under torchrun)
-    torch.manual_seed(cfg.seed)                   # the tiny model's initial weights
-    random.seed(cfg.seed)
-    with claimed_out_dir(cfg) as out:            # from here on, this run alone writes into out
+    torch.manual_seed(seed_for(cfg.seed))         # the tiny model's initial weights
+    with claimed_out_dir(cfg) as out, deterministic(device.type == "cuda"):   # this run alone writes into out
         done = stages_done(cfg, out)              # stages an earlier run finished (--resume), else 0
         if is_main():
             print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in DERIVED))
@@ -2806,7 +2853,7 @@ def run(cfg: Config) -> None:
         dtype = compute_dtype(cfg, device)
         storage = dtype if cfg.eval_only else torch.float32        # training keeps fp32 master weights
         model, tokenizer = load_model_and_tokenizer(cfg.model, device, storage)
-        all_block_sizes = sorted({*cfg.curriculum, cfg.block_size, *cfg.eval_sizes})
+        all_block_sizes = sorted({*cfg.curriculum, cfg.base_block_size, *cfg.eval_sizes})
         for B in all_block_sizes:
             check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
         train_problems, eval_sets, reward_fn = load_task(cfg)    # (bad data files stop here)
@@ -2830,33 +2877,27 @@ def run(cfg: Config) -> None:
             print("memory: " + plan["line"])
 
         model, value_head = starting_point(cfg, model, tokenizer, train_problems, device, out, done, storage)
-
-        # training memory: recomputed activations, and under torchrun the FSDP shards
-        if not cfg.eval_only:
+        if not cfg.eval_only:                     # training memory: recomputed activations, FSDP shards
             if cfg.grad_checkpointing:                 # (the method's name changed in transformers 5.x)
                 getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
             if sharded:
                 shard(model, value_head, device)
-
-        # the sampler: its weights (the policy or a compute-dtype copy), rows per call, CUDA graphs or not
-        sampler = Sampler(model, dtype, plan["rows"], graphs, frozen=cfg.eval_only,   # (a frozen model may fuse
-                          keep=plan["keep"], width=plan["width"])                     # its norms)
+        engine = Engine(model, dtype, plan["rows"], graphs, frozen=cfg.eval_only, keep=plan["keep"],
+                        width=plan["width"])      # (a frozen model may fuse its norms)
 
         if cfg.eval_only:
-            evaluate_only(cfg, sampler, tokenizer, eval_sets, reward_fn, out)
+            evaluate_only(cfg, engine, tokenizer, eval_sets, reward_fn, out)
         else:                                     # (a resumed run keeps the log lines of its finished stages)
-            log = MetricsLog(out / "metrics.jsonl", keep_stages_below=done + 1 if cfg.resume else None)
-            train(cfg, model, value_head, sampler, tokenizer, train_problems, eval_sets, reward_fn, out, device,
-                  done, log)
+            rec = Recorder(cfg, out, tokenizer, keep_stages_below=done + 1 if cfg.resume else None)
+            train(cfg, model, value_head, engine, tokenizer, train_problems, eval_sets, reward_fn, rec, done)
         barrier()                                 # (every process done before any tears the process group down)
 
 
 def starting_point(cfg: Config, model, tokenizer, train_problems, device, out: Path, done: int, storage):
-    """(policy, value head) to start from: the tiny model after its warm start (a checkpoint as it is), or,
-    with --resume, the weights and value head of the last finished stage."""
+    """(policy, value head) to start from: with --resume, the weights and value head of the last finished
+    stage; else the tiny model after its warm start, or a checkpoint as it is."""
     if done:                                      # (the warm start is not needed, nor retrained if gone)
-        plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
-        path = stage_dir(out, done, plan[done - 1][0])
+        path = stage_dir(cfg, out, done)
         model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
         if is_main():
             print(f"resuming after stage {done} from {path}")
@@ -2864,6 +2905,20 @@ def starting_point(cfg: Config, model, tokenizer, train_problems, device, out: P
     if is_architecture_file(cfg.model):
         model = cast_weights(warm_started(cfg, model, tokenizer, train_problems, device, out), storage)
     return model, new_value_head(model)
+
+
+def evaluate_only(cfg: Config, engine: Engine, tokenizer, eval_sets, reward_fn, out: Path) -> None:
+    """--eval-only: the metrics of --model at every evaluation block size, as a table and eval.json."""
+    rec = Recorder(cfg, out, tokenizer, "eval.jsonl")
+    evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, 0, cfg.base_block_size, 0)
+    if is_main():
+        columns = [("dataset", "data"), ("block_size", "B"), ("accuracy", "accuracy"),
+                   (f"pass@{cfg.eval_samples}", f"pass@{cfg.eval_samples}"), ("tpf", "TPF"), ("nfe", "NFE"),
+                   ("local_strict", "LocalStrict"), ("length", "mean length"), ("truncated", "truncated"),
+                   ("tokens_per_s", "tokens/s")]
+        table = format_table(rec.records, columns)
+        (out / "eval.json").write_text(json_text(rec.records, indent=1))
+        print("\n" + table + f"\n\nwrote {out / 'eval.json'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -2885,7 +2940,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  "reused)"), file=sys.stderr)
         return 130
     finally:
-        torch.use_deterministic_algorithms(False)       # (set for CUDA runs; main() may be called again)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
