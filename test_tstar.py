@@ -566,6 +566,9 @@ def test_k3_kl_is_measured_from_the_old_policy_hand_worked():
     (0.5, 0.0, 1.0, 0.5 * 0.64),      # the clipped value (0 + 0.2) is further from R: it wins
     (-0.5, 0.0, 0.0, 0.5 * 0.25),     # the unclipped one is further: it wins
     (0.1, 0.0, 1.0, 0.5 * 0.81),      # inside the range: both equal
+    (-0.5, 0.0, -1.0, 0.5 * 0.64),    # clipped from below (0 - 0.2) is further from R: it wins
+    (1.5, 1.0, 0.0, 0.5 * 2.25),      # V_old 1: clipped 1.2, unclipped 1.5 is further
+    (0.5, 1.0, 2.0, 0.5 * 2.25),      # V_old 1, V below it: clipped 0.8 is further from R = 2
 ])
 def test_clipped_value_loss_takes_the_larger_error_hand_worked(v, v_old, ret, loss):
     got = tstar.clipped_value_loss(torch.tensor([v]), torch.tensor([v_old]), torch.tensor([ret]), 0.2)
@@ -604,22 +607,29 @@ def test_the_outcome_sits_on_each_samples_last_step_and_gae_one_gives_z_minus_va
 
 def test_ppo_update_gives_gae_the_group_z_scores_of_the_rewards(monkeypatch, tiny):
     """The outcome fed to GAE is each kept sample's reward z-scored within its group, not the raw reward;
-    and GAE gets --gamma and --gae-lambda in their places."""
+    GAE gets the values of the pre-update pass (V_old of a non-zero head), and --gamma and --gae-lambda in
+    their places."""
     model, tok = tiny
-    seen = []
-    real = tstar.token_advantages
+    seen, old = [], []
+    real, real_old = tstar.token_advantages, tstar.old_policy_scores
     monkeypatch.setattr(tstar, "token_advantages",
-                        lambda outcome, *a: seen.append((outcome.clone(), a[-2:])) or real(outcome, *a))
+                        lambda outcome, sample, token, step, values, gamma, lam: seen.append(
+                            (outcome.clone(), values.clone(), gamma, lam)) or real(outcome, sample, token, step, values,
+                                                                                  gamma, lam))
+    monkeypatch.setattr(tstar, "old_policy_scores", lambda *a: (lambda r: old.append(r) or r)(real_old(*a)))
     gens = tstar.generate(model, [tok.encode(p) for p in PROMPTS[:2] for _ in range(4)],
                           **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0), generator=torch.Generator().manual_seed(1))
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])           # the second group agrees
     ro = tstar.Rollouts([tok.encode(p) for p in PROMPTS[:2] for _ in range(4)], gens, rewards, 4, 0)
     head = tstar.new_value_head(model)
+    torch.nn.init.normal_(head.weight)
     opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.0)
     tstar.ppo_update(model, head, opt, ro, rl_config(group_size=4, gamma=0.9, gae_lambda=0.5), tok.mask_token_id,
                      tok.eos_token_id, torch.Generator().manual_seed(0))
     z = (torch.tensor([1.0, 0.0, 0.0, 0.0]) - 0.25) / math.sqrt(3 / 16)
-    assert len(seen) == 1 and torch.allclose(seen[0][0], z) and seen[0][1] == (0.9, 0.5)
+    assert len(seen) == 1 and torch.allclose(seen[0][0], z) and seen[0][2:] == (0.9, 0.5)
+    v_old = old[0][1]
+    assert v_old.abs().min() > 0 and torch.equal(seen[0][1], v_old)
 
 
 def test_a_response_cut_by_the_length_limit_scores_zero(tiny):
@@ -1760,3 +1770,130 @@ def test_each_optimizer_step_follows_a_backward_and_a_clip_and_the_gradients_are
     assert all(0 < e[1] <= 1e-3 * (1 + 1e-4) and e[2] == n_policy for e in events if e[0] == "step")
     assert stats["grad_norm"] > 1e-3                                      # (logged before clipping)
     assert all(p.grad is None for p in [*model.parameters(), *head.parameters()])
+
+
+
+def test_clipped_value_loss_is_the_larger_of_the_two_errors_for_any_old_value():
+    g = torch.Generator().manual_seed(0)
+    v, v_old, ret = (torch.randn(200, generator=g) for _ in range(3))
+    clipped = v_old + torch.clamp(v - v_old, -0.2, 0.2)
+    want = 0.5 * torch.maximum((v - ret) ** 2, (clipped - ret) ** 2)
+    assert torch.allclose(tstar.clipped_value_loss(v, v_old, ret, 0.2), want)
+
+
+def test_rollouts_are_drawn_from_the_generator_they_are_given(tiny):
+    """The same generator seed gives the same rollouts; another seed, others (the step's own random stream)."""
+    model, tok = tiny
+    engine = tstar.Engine(model, torch.float32, 64)
+    draw = lambda seed: [g.ids for g in tstar.collect_rollouts(  # noqa: E731
+        engine, tok, [{"question": q} for q in PROMPTS[:3]], lambda t, p: 0.0, rl_config(group_size=4), 4, 0,
+        torch.Generator().manual_seed(seed)).gens]
+    torch.manual_seed(1)
+    first = draw(7)
+    torch.manual_seed(2)                                # (the global random state must not matter)
+    assert draw(7) == first and draw(8) != first
+
+
+def test_eoser_factor_hand_worked():
+    """g_s = g_min + (g_max - g_min) s / (n - 1) for a block of n planned steps; g_max when n = 1."""
+    n = torch.tensor([1, 2, 3, 5])
+    assert torch.allclose(tstar.eoser_factor(0, n, 0.4, 1.0), torch.tensor([1.0, 0.4, 0.4, 0.4]))
+    assert torch.allclose(tstar.eoser_factor(1, n, 0.4, 1.0), torch.tensor([1.0, 1.0, 0.7, 0.55]))
+    assert torch.allclose(tstar.eoser_factor(2, n[2:], 0.2, 1.0), torch.tensor([1.0, 0.6]))   # (s < n only)
+
+
+def test_explained_variance_hand_worked_and_none_when_undefined():
+    R, V = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1.0, 2.0, 3.0, 5.0])
+    # Var(R) = 1.25; R - V = (0, 0, 0, -1): mean -0.25, Var = 0.1875; 1 - 0.1875 / 1.25 = 0.85
+    assert tstar.explained_variance(R, V) == pytest.approx(0.85)
+    assert tstar.explained_variance(R, R) == pytest.approx(1.0)
+    assert tstar.explained_variance(R, torch.zeros(4)) == pytest.approx(0.0)
+    assert tstar.explained_variance(torch.ones(4), V) is None and tstar.explained_variance(R[:1], V[:1]) is None
+
+
+def test_the_logged_entropy_is_the_entropy_of_the_policy_at_the_targets(tiny):
+    model, tok = tiny
+    ids = torch.tensor([tok.encode("a3 b7=12")])
+    pos, noisy = torch.arange(8)[None], torch.zeros(1, 8, dtype=torch.bool)
+    rows, cols = torch.zeros(3, dtype=torch.long), torch.tensor([5, 6, 7])
+    with torch.no_grad():
+        _, _, ent = tstar.forward_targets(model, ids, pos, noisy, ~noisy, rows, cols, ids[0, 5:], 4, 0, entropy=True)
+        mask = tstar.block_attention_mask(pos, noisy, pos, noisy, ~noisy, 4, 0)
+        p = model.lm_head(tstar.hidden_states(model, ids, pos, mask)[rows, cols]).softmax(-1)
+    assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5) and (ent > 0).all()
+
+
+def test_the_trainer_forwards_at_most_micro_batch_sequences_at_a_time(every_token_stops, monkeypatch):
+    sizes = []
+    real = tstar.forward_targets
+    monkeypatch.setattr(tstar, "forward_targets", lambda model, ids, *a, **k: sizes.append(ids.shape[0]) or
+                        real(model, ids, *a, **k))
+    model, head, before, stats = one_rl_step(text_parity_reward, micro_batch=2, minibatches=1)
+    assert stats["kept"] > 0 and max(sizes) == 2 and len(sizes) >= 4
+
+
+def test_the_value_head_moves_toward_the_returns(tiny):
+    """Updates of the value head alone (policy learning rate 0) lower the value loss of the same rollouts."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS[:2] for _ in range(4)]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0),
+                          generator=torch.Generator().manual_seed(1))
+    ro = tstar.Rollouts(prompts, gens, torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]), 4, 0)
+    head = tstar.new_value_head(model)
+    opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.0}, {"params": head.parameters(), "lr": 0.02}])
+    losses = [tstar.ppo_update(model, head, opt, ro, rl_config(group_size=4, minibatches=1), tok.mask_token_id,
+                               tok.eos_token_id, torch.Generator().manual_seed(0))["value_loss"] for _ in range(3)]
+    assert losses[0] > losses[1] > losses[2]
+
+
+def test_more_minibatches_than_sequences_still_make_one_update(every_token_stops):
+    model, head, before, stats = one_rl_step(text_parity_reward, minibatches=50)
+    assert stats["kept"] > 0 and math.isfinite(stats["policy_loss"])
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_rewards_see_each_problem_and_the_response_without_special_tokens(tiny):
+    """The reward gets the response text up to its stop token, without the stop token, and its own problem;
+    a truncated response scores 0 whatever the reward function says."""
+    _, tok = tiny
+    answer = "62712852137869580103"
+    ids = tok.encode(answer) + [tok.eos_token_id, tok.encode("7")[0]]           # decoded past the stop token
+    gen = lambda stopped: tstar.Generation(ids=ids, step_map=list(range(1, len(ids) + 1)),  # noqa: E731
+                                           logprobs=[0.0] * len(ids), nfe=len(ids), n_tokens=len(answer) + 1,
+                                           stopped=stopped, prompt_len=3, offset=0)
+    q = "?604??764??593??242?="
+    problems = [{"question": q, "ok": 1.0}, {"question": q, "ok": 0.0}, {"question": q, "ok": 1.0}]
+    seen = []
+    reward = lambda text, p: seen.append(text) or p["ok"] * tstar.toy_reward(text, p["question"])   # noqa: E731
+    rewards = tstar.rewards_of([gen(True), gen(True), gen(False)], problems, tok, reward)
+    assert rewards.tolist() == [1.0, 0.0, 0.0] and seen == [answer, answer]
+
+
+def test_an_rl_step_reports_its_own_duration(every_token_stops):
+    import time
+    t0 = time.time()
+    *_, stats = one_rl_step(text_parity_reward)
+    assert 0 < stats["seconds"] <= time.time() - t0
+
+
+def test_cj_grpo_weights_of_an_empty_batch_are_empty():
+    tb = tstar.TraceBatch([], [], [], torch.zeros(1, dtype=torch.long),
+                          *(torch.zeros(0, dtype=torch.long) for _ in range(6)), sampler_logp=torch.zeros(0))
+    assert tstar.token_weights(tb, "group").shape == (0,) and tstar.token_weights(tb, "gae").shape == (0,)
+
+
+def test_the_warm_start_learning_rate_is_a_warm_up_times_a_cosine_from_step_0(monkeypatch, tiny):
+    """lr_s = peak x min(1, (s+1)/warmup) x (0.1 + 0.9 (1 + cos(pi s/T)) / 2), warmup = T // 20 (at least 1)."""
+    model, tok = tiny
+    lrs = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: lrs.append(self.param_groups[0]["lr"]) or
+                        real_step(self, *a, **k))
+    monkeypatch.setattr(tstar, "block_diffusion_loss", lambda model, *a: next(model.parameters()).sum() * 0.0)
+    data = tstar.toy_splits(8, 2, 0)["train"]
+    for T in (60, 30):                                   # warm-up of 3 steps, and of 1
+        lrs.clear()
+        tstar.warm_start(model, tok, data[:], tstar.Config(warm_start_steps=T, warm_start_lr=0.01), "cpu")
+        warmup = max(1, T // 20)
+        want = [0.01 * min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / T))) for s in range(T)]
+        assert lrs == pytest.approx(want)

@@ -162,7 +162,7 @@ def block_start(p: int, block_size: int, offset: int = 0) -> int:
     return max(0, offset + block_index(p, block_size, offset) * block_size)
 
 
-def response_blocks(prompt_len: int, n: int, block_size: int, offset: int = 0) -> torch.Tensor:
+def response_blocks(prompt_len: int, n: int, block_size: int, offset: int) -> torch.Tensor:
     """(n,) the block index of each of the first n response tokens (response token i sits at position P + i)."""
     return block_index(prompt_len + torch.arange(n), block_size, offset)
 
@@ -618,7 +618,7 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 # Value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2), averaged over tokens.
 
 
-def group_advantages(rewards: torch.Tensor, mode: str = "gae", band: tuple[float, float] = (0.0, 1.0)):
+def group_advantages(rewards: torch.Tensor, mode: str, band: tuple[float, float] = (0.0, 1.0)):
     """rewards (prompts, G) -> (advantages, keep), both (prompts, G). Dropped groups get advantage 0."""
     mean = rewards.mean(1, keepdim=True)
     std = rewards.std(1, unbiased=False, keepdim=True)
@@ -702,17 +702,17 @@ def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
     return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv])
 
 
-def explained_variance(returns, values) -> float:
-    """1 - Var(R - V) / Var(R) over the targets of all processes (0 when the returns do not vary)."""
-    n = dist_sum(len(returns))
-    if n < 2:
-        return 0.0
-    mean = dist_sum(returns.sum().item()) / n
-    var_r = dist_sum(((returns - mean) ** 2).sum().item()) / n
-    err = returns - values
-    err_mean = dist_sum(err.sum().item()) / n
-    var_e = dist_sum(((err - err_mean) ** 2).sum().item()) / n
-    return 1 - var_e / var_r if var_r > 1e-8 else 0.0
+def global_mean(x: torch.Tensor) -> float:
+    """The mean of x's elements over all processes: a ratio of sums (0 when there are none)."""
+    return dist_sum(x.double().sum().item()) / max(1.0, dist_sum(x.numel()))
+
+
+def explained_variance(returns, values) -> float | None:
+    """1 - Var(R - V) / Var(R) over the targets of all processes; None when the returns do not vary (or there
+    are fewer than two): then no value explains anything."""
+    var = lambda x: global_mean((x - global_mean(x)) ** 2)      # noqa: E731  (the variance over processes)
+    var_r = var(returns)
+    return 1 - var(returns - values) / var_r if dist_sum(len(returns)) >= 2 and var_r > 1e-8 else None
 
 
 def new_value_head(model) -> torch.nn.Linear:
@@ -866,10 +866,9 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, ad
         norms.append(clip_grad_norm(policy, cfg.grad_clip))          # (the norm before clipping)
         opt.step()
         opt.zero_grad(set_to_none=True)          # free the gradients before the next rollouts
-    clipped, kls = torch.cat(clipped).float(), torch.cat(kls)
-    mean = lambda x: dist_sum(x.sum().item()) / max(1.0, dist_sum(len(x)))     # noqa: E731  (over processes)
-    return dict(clipfrac=mean(clipped), kl=mean(kls), policy_loss=dist_sum(sum(plosses)) / cfg.minibatches,
-                grad_norm=float(np.mean(norms)), value_loss=mean(torch.cat(vlosses)) if vlosses else None)
+    return dict(clipfrac=global_mean(torch.cat(clipped)), kl=global_mean(torch.cat(kls)),
+                policy_loss=dist_sum(sum(plosses)) / cfg.minibatches, grad_norm=float(np.mean(norms)),
+                value_loss=global_mean(torch.cat(vlosses)) if vlosses else None)
 
 
 def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int, pad_id: int, shuffle) -> dict:
@@ -899,9 +898,8 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     #    bf16 rollout copy: its mean, the share above 0.1 and its largest value are logged.
     logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, cfg, B, offset, pad_id)
     gap = (logp_old - tb.sampler_logp).abs()
-    stats.update(traj_gap=dist_sum(gap.sum().item()) / n_targets, traj_gap_max=dist_max(gap.max().item() if M else 0.0),
-                 traj_gap_over=dist_sum((gap > 0.1).sum().item()) / n_targets,
-                 entropy=dist_sum(entropy.sum().item()) / n_targets)
+    stats.update(traj_gap=global_mean(gap), traj_gap_max=dist_max(gap.max().item() if M else 0.0),
+                 traj_gap_over=global_mean(gap > 0.1), entropy=global_mean(entropy))
 
     # 4. advantages per target token: the outcome spread over each sample's denoising steps by GAE
     #    (TraceRL), or the sample's own advantage on every token (CJ-GRPO)
@@ -1115,7 +1113,7 @@ class Config:
 
     # --- warm start ---
     warm_start_steps: int = 600
-    """optimizer steps of the tiny model's block-diffusion SFT at --block-size"""
+    """optimizer steps of the tiny model's block-diffusion SFT at --base-block-size"""
     warm_start_batch: int = 32
     """sequences per warm-start step"""
     warm_start_lr: float = 3e-3
