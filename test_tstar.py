@@ -712,6 +712,7 @@ def spy_on_the_loop(monkeypatch):
 
     def spy_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, B, offset, gen):
         steps.append((B, offset, id(head), head.weight.detach().clone(), model.lm_head.weight.detach().clone(),
+                      (id(opt), [(g["lr"], g["weight_decay"]) for g in opt.param_groups]),
                       [p["question"] for p in problems]))
         return rl_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, B, offset, gen)
 
@@ -748,7 +749,7 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
     assert all(len(set(q)) == 8 for q in questions) and len({tuple(q) for q in questions}) == 4
     assert len({head_id for _, _, head_id, *_ in steps}) == 1          # one value head for the whole run
     saved = load_file(str(a / "stage1-B4" / "value_head.safetensors"))
-    _, _, _, head_w, policy_w, _ = steps[2]                               # the first step of stage 2
+    _, _, _, head_w, policy_w, _, _ = steps[2]                            # the first step of stage 2
     assert torch.equal(head_w, saved["weight"].to(head_w.device))
     assert torch.equal(policy_w, weights(a / "stage1-B4")["lm_head.weight"].to(policy_w.device))
     records = [json.loads(l) for l in (a / "metrics.jsonl").read_text().splitlines()]
@@ -757,6 +758,13 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
     start, end = weights(a / "warmstart"), weights(a / "stage2-B8")
     assert any(not torch.equal(start[k], end[k]) for k in start)
     assert {r["stage"] for r in records if r["kind"] == "eval"} == {0, 1, 2}
+    assert {(r["dataset"], r["label"]) for r in records if r["kind"] == "eval"} == {
+        ("toy", "start"), ("toy", "stage1"), ("toy", "stage2")}
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 0, 2, 2, 4, 4]     # stage x steps per stage
+    # a fresh AdamW each stage (the policy at --lr, the value head at --value-lr, no weight decay)
+    optimizers = [opt for *_, opt, _ in steps]
+    assert len({i for i, _ in optimizers}) == 2 and {i for i, _ in optimizers[:2]} != {i for i, _ in optimizers[2:]}
+    assert all(groups == [(3e-4, 0.0), (1e-3, 0.0)] for _, groups in optimizers)
     assert (a / "stage1-B4" / "tstar.json").is_file() and (a / "stage2-B8" / "tstar.json").is_file()
     assert (a / "results.md").is_file() and (a / "curves.png").is_file()
     # an interrupted run (stage 2 never finished, its last log line cut in the middle), resumed, ends with the
@@ -1897,3 +1905,31 @@ def test_the_warm_start_learning_rate_is_a_warm_up_times_a_cosine_from_step_0(mo
         warmup = max(1, T // 20)
         want = [0.01 * min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / T))) for s in range(T)]
         assert lrs == pytest.approx(want)
+
+
+def test_every_evaluation_at_a_block_size_draws_the_same_random_numbers(tiny):
+    """With sampling (the SDAR preset's temperature 1.0), two evaluations of the same weights give the same
+    samples whatever the global random state: stages differ by their weights only."""
+    model, tok = tiny
+    cfg = tstar.finalize_config(tstar.Config(temperature=1.0, max_new_tokens=24, eval_samples=2), {"temperature"})
+    engine = tstar.Engine(model, torch.float32, 64)
+    problems = [{"question": q, "answer": "", "task": "toy"} for q in PROMPTS]
+
+    def samples(global_seed):
+        torch.manual_seed(global_seed)
+        metrics, gens = tstar.evaluate(engine, tok, problems, lambda t, p: 0.0, cfg, 4)
+        assert metrics["problems"] == len(PROMPTS) and "pass@2" in metrics
+        return [g.ids for g in gens]
+    first = samples(1)
+    assert samples(2) == first and len(set(map(tuple, first))) > 1
+
+
+
+def test_every_random_stream_of_a_run_has_its_own_seed():
+    """The rollouts of every (stage, step, process) of a 4-stage run of 100 steps a stage on 8 processes, and its
+    evaluations at each block size (the stage after the last), draw from distinct seeds."""
+    for seed in (0, 1, 7):
+        seeds = [tstar.seed_for(seed, k, step, rank) for k in range(4) for step in range(100) for rank in range(8)]
+        seeds += [tstar.seed_for(seed, 4, B, rank) for B in (4, 8, 16, 32) for rank in range(8)]
+        assert len(set(seeds)) == len(seeds)
+    assert len({tstar.seed_for(seed) for seed in range(100)}) == 100 and tstar.seed_for(0) == 0

@@ -79,13 +79,14 @@ from tqdm.auto import tqdm  # noqa: E402
 # trace rounds, the TraceRL loss, metrics, the RL step, the curriculum, evaluation. Part I uses a few names
 # of Part II, each a piece a reader can take on trust:
 #     Config                   every setting (cfg.lr, cfg.group_size, ...), one dataclass field each
+#     pad_rows                 rows of different lengths right-padded into one (n, T) batch
 #     hidden_states            the model's final hidden states under an explicit 4D attention mask
 #     Decoder                  the forward passes the sampler steps: an in-place KV cache (CUDA graphs)
 #     Engine                   what rollouts and evaluation sample from: the policy or its bf16 copy,
 #                              in batches of rows (Engine.generate runs generate below)
 #     autocast                 forward passes in the compute dtype (bf16 on a GPU)
-#     world, is_main, dist_sum, dist_max
-#                              (rank, processes); rank 0; a number summed / maxed over the processes
+#     world, is_main, dist_sum, dist_max, global_mean
+#                              (rank, processes); rank 0; a number summed / maxed / a mean over the processes
 #     as_many_everywhere, idle_forward, clip_grad_norm
 #                              FSDP's rules: as many forwards on every process; the gradient norm
 #     Recorder                 what a run keeps: metrics.jsonl, the console, plots, stage checkpoints
@@ -149,7 +150,12 @@ def toy_reward(response: str, question: str) -> float:
 #                       and noisy key j  iff  b(j) == b(i)                 (its own block, bidirectional)
 # Padding keys are never seen; a padding query sees only itself (a query that may see nothing is a NaN source
 # on some attention kernels). The sampler's current block is the noisy part and its KV cache the clean part;
-# training sequences are [clean sequence | noisy copy of the response blocks].
+# training sequences are [clean sequence | noisy copy of the response blocks]. Example, B = 2, offset 0: clean
+# positions 0..3 (blocks 0 0 1 1) and a noisy copy of block 1 (positions 2' 3'); 1 = the query may see the key:
+#                      keys  0 1 2 3 2' 3'
+#     queries 0, 1 (clean)   1 1 . .  .  .      block 0 sees itself
+#     queries 2, 3 (clean)   1 1 1 1  .  .      block 1 sees block 0 and itself
+#     queries 2', 3' (noisy) 1 1 . .  1  1      the noisy block sees block 0 and itself, not its clean twin
 
 
 def block_index(pos, block_size: int, offset: int = 0):
@@ -200,6 +206,10 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
 #         static   the step's quota n_s of most confident positions,
 #         dynamic  every position with confidence > tau, or the n_s most confident if fewer pass,
 #         ass      2^s positions at step s, the rest at the last step (below).
+#     Example, dynamic, tau = 0.9, a block of 4 with K = 4 (quota 1 a step): confidences 0.95 0.40 0.92 0.10
+#     commit the first and the third position at once; 0.85 0.40 0.60 0.10 commit the first alone. The
+#     step map records the step of each commit: a block decoded left to right reads 1 2 3 4, a block decoded
+#     in one step 1 1 1 1 (TPF 4).
 #   * A finished block's keys and values must be cached, clean. SDAR spends one extra forward on that;
 #     here the first step of the next block carries it: its queries are [finished block, clean | new
 #     block, all masks], and under the block mask (section 2) the clean half sees exactly what a separate
@@ -228,6 +238,8 @@ class Generation:
     """One sampled response. `ids` is the whole decoded trajectory: every response position the sampler
     filled, through the end of the last decoded block (after a stop token, or past the length limit, the
     block was still filled)."""
+    # e.g. B = 4, 6 tokens of which the 4th is eos: ids x x x eos x x, n_tokens 4, stopped True; the step map
+    # counts the row's forwards, so its largest value is nfe (every step commits at least one token)
     ids: list[int]
     step_map: list[int]      # per token of ids: the row's denoising step (1..nfe) that finalized it
     logprobs: list[float]    # per token of ids: log-prob the sampler's model gave it at that step
@@ -274,6 +286,7 @@ def propose(logits, temperature: float, top_k: int, top_p: float, generator=None
         conf = logits.log_softmax(-1).gather(1, cand[:, None]).squeeze(1).exp()
     else:
         z = logits / temperature
+        # top-k keeps the k most likely tokens; top-p the smallest set of most likely tokens whose mass reaches p
         if top_k > 0:
             kth = z.topk(min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
             z = z.masked_fill(z < kth, float("-inf"))
@@ -355,9 +368,10 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
         xb = torch.where(todo, mask_id, frame.x[:, c: c + B])                 # (n, B)
         quotas = step_quotas(todo.sum(1), K, remasking)                       # (n, steps)
         n_steps = (quotas > 0).sum(1)                                         # (n,) steps this block plans
-        for s in range(quotas.shape[1]):
-            if not todo.any():
+        for s in range(quotas.shape[1]):         # one step: a forward of the block, a candidate for every masked
+            if not todo.any():                    # position, a commit of some of them; the rest stay masked
                 break
+            # (the first step of a block also stores the finished block before it: store_previous)
             h = decoder.step(frame, xb, c, store_previous=s == 0 and c > frame.D)   # (n, B, H)
             frame.nfe += todo.any(1)
             cand, conf, logp = propose(model.lm_head(h[todo]), temperature, top_k, top_p, generator, mask_id)
@@ -403,6 +417,12 @@ def response_text(tokenizer, g: Generation) -> str:
 # SDAR's loss (arXiv 2510.06303): per sample t ~ U(0, 1), p = (1 - eps) t + eps; every response token is masked
 # with probability p; the loss is the cross-entropy of the masked tokens divided by p, averaged over response
 # tokens. The tiny model's warm start stands in for SDAR's "AR-initialised small-block model".
+#
+# Example, B = 2, offset 0, prompt "ab=" (P = 3) and response "xy" + eos (L = 3), all of it masked: the noisy
+# copy starts at position 2, the start of the block holding the first response token, so the prompt's "="
+# rides along unmasked, as in the sampler's first block:
+#     ids        a b = x y <eos> | = <M> <M> <M>
+#     positions  0 1 2 3 4 5     | 2 3   4   5        (the noisy copy's targets: x, y, <eos>)
 
 
 def diffusion_layout(prompt, response, masked, block_size: int, offset: int, mask_id: int):
@@ -418,15 +438,6 @@ def diffusion_layout(prompt, response, masked, block_size: int, offset: int, mas
     noisy = torch.arange(len(pos), device=prompt.device) >= P + L
     col = P + L + (P - b0) + torch.arange(L, device=prompt.device)
     return ids, pos.expand(R, -1), noisy.expand(R, -1), col
-
-
-def pad_rows(ids, pos, noisy, pad_id: int):
-    """Right-pad lists of 1-D row tensors into (n, T) tensors plus the real-token mask."""
-    from torch.nn.utils.rnn import pad_sequence
-
-    valid = pad_sequence([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in ids], batch_first=True)
-    return (pad_sequence(list(ids), batch_first=True, padding_value=pad_id),
-            pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
 
 
 def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_size: int, offset: int,
@@ -493,6 +504,7 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.warm_start_steps)))))
     gen = torch.Generator().manual_seed(seed_for(cfg.seed))
     model.train()
+    # each step: a batch of random problems (with replacement), each with its own noise level p (SDAR's loss)
     losses = []
     bar = tqdm(range(cfg.warm_start_steps), desc=f"warm start (B={B})", disable=not is_main(), mininterval=10)
     for _ in bar:
@@ -527,7 +539,9 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
 
 def trace_rounds(step_map: Sequence[int], block_size: int, offset: int = 0, prompt_len: int = 0,
                  shrink: int = 1):
-    """Step map of one response -> (targets, masked), two (rounds, L) bool tensors (see above)."""
+    """Step map of one response -> (targets, masked), two (rounds, L) bool tensors (see above): targets[r]
+    are the tokens committed at round r, masked[r] the tokens still masked in the state round r starts from.
+    The blocks are those of the rollout: the response's token i sits at position prompt_len + i."""
     L, rnd, i = len(step_map), [], 0
     while i < L:                                 # block by block: tokens i .. end-1 of the response
         end = min(L, offset + (block_index(prompt_len + i, block_size, offset) + 1) * block_size - prompt_len)
@@ -545,7 +559,8 @@ class TraceBatch:
     """Training sequences of a rollout batch, one per (sample, round), and their targets.
 
     Target arrays are flat over the whole batch and ordered by sequence: the targets of sequence k are
-    ptr[k]:ptr[k+1]."""
+    ptr[k]:ptr[k+1]. A sample with R rounds makes R sequences; every response token is the target of exactly
+    one of them (the round of its step), so a batch's targets are its samples' tokens, each once."""
     ids: list                    # per sequence: (T,) tokens of [prompt | clean response | noisy copy]
     pos: list                    # per sequence: (T,) positions
     noisy: list                  # per sequence: (T,) noisy flags
@@ -561,8 +576,10 @@ class TraceBatch:
 
 def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int], block_size: int, offset: int,
                       shrink: int, mask_id: int) -> TraceBatch:
-    """Trace rounds of the chosen samples laid out for training. The layout uses the rollout's own offset,
-    so every noisy block sees exactly what the sampler saw when it committed the targets."""
+    """Trace rounds of the chosen samples laid out for training: one sequence per (sample, round), each
+    [prompt | clean response | noisy copy] with the round's masks in the noisy copy and the round's tokens as
+    targets. The layout uses the rollout's own offset, so every noisy block sees exactly what the sampler saw
+    when it committed the targets."""
     ids, pos, noisy, cols, labels, sample, token, rnds, steps, lps, counts = [], [], [], [], [], [], [], [], [], [], []
     for j in samples:
         g = gens[j]
@@ -608,7 +625,10 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 #     delta_t = r*_t - V*_t + gamma V*_{t+1}           A*_t = delta_t + gamma lambda A*_{t+1}
 #     A_i = r_i - V_i + gamma V*_{t+1} + gamma lambda A*_{t+1}        R_i = r_i + gamma R*_{t+1}
 # for token i finalized at t (the values after the last step are 0). With gamma = lambda = 1 this is
-# A_i = R - V_i: the outcome minus the token's own value.
+# A_i = R - V_i: the outcome minus the token's own value. Example, gamma = lambda = 1, a sample decoded in steps
+# 1, 2, 3 with z = 0.6: the tokens of step 3 get reward 0.6, all others 0; every token's return is R = 0.6, and a
+# token whose value head says V_i = 0.2 gets advantage 0.4. With gamma < 1 a token of step t gets R = gamma^(3-t)
+# z: a reward discounted by the steps between its commit and the end of the answer.
 #
 # Policy loss per target token (PPO clip, k3 KL to the pre-update policy):
 #     rho = exp(logp - logp_old)      L_i = -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta (e^d - 1 - d),
@@ -619,7 +639,9 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 
 
 def group_advantages(rewards: torch.Tensor, mode: str, band: tuple[float, float] = (0.0, 1.0)):
-    """rewards (prompts, G) -> (advantages, keep), both (prompts, G). Dropped groups get advantage 0."""
+    """rewards (prompts, G) -> (advantages, keep), both (prompts, G): gae  z = (r - mean) / std,  group
+    A = r - mean, per group (std over the G samples, not unbiased). Dropped groups (all equal, or an accuracy
+    outside the band) get advantage 0. Example: rewards 1 0 1 0 give z = 1 -1 1 -1."""
     mean = rewards.mean(1, keepdim=True)
     std = rewards.std(1, unbiased=False, keepdim=True)
     keep = (std > 0) & (mean >= band[0]) & (mean <= band[1])
@@ -672,7 +694,11 @@ def token_advantages(outcome, sample, token, step, values, gamma: float = 1.0, l
 
 
 def ppo_token_loss(logp, logp_old, adv, clip_eps: float, beta: float):
-    """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,)."""
+    """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,):
+        rho = exp(logp - logp_old),  L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta (e^d - 1 - d),
+        d = logp_old - logp.
+    Where the clipped term is the smaller one, the gradient is 0: a token already moved far enough (rho
+    beyond 1 + eps with A > 0, or below 1 - eps with A < 0) is not pushed further."""
     ratio = torch.exp(logp - logp_old)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     d = logp_old - logp
@@ -687,7 +713,7 @@ def clipped_value_loss(values, values_old, returns, clip_eps: float):
 
 
 def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
-    """Weight of each target in the policy loss, before normalisation (section 8 header):
+    """Weight of each target in the policy loss, before normalisation (section 6 header):
     gae: 1 per token (the loss is a mean over tokens); group: 1 / (tokens in its round) / (rounds of its
     sample), so that each sample weighs 1, spread evenly over its rounds. The caller divides by the sum of
     the weights over all processes, which makes the loss of N processes that of one on their union."""
@@ -700,11 +726,6 @@ def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
     rounds_per_sample = torch.zeros(int(s_inv.max()) + 1 if M else 0).scatter_reduce(
         0, s_inv, tb.round.float() + 1, reduce="amax")
     return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv])
-
-
-def global_mean(x: torch.Tensor) -> float:
-    """The mean of x's elements over all processes: a ratio of sums (0 when there are none)."""
-    return dist_sum(x.double().sum().item()) / max(1.0, dist_sum(x.numel()))
 
 
 def explained_variance(returns, values) -> float | None:
@@ -729,7 +750,9 @@ def new_value_head(model) -> torch.nn.Linear:
 # TPF          tokens per forward: sum of response tokens / sum of NFE (a ratio of sums over the batch)
 # LocalStrict  over adjacent response-token pairs (i, i+1) inside one block, the fraction decoded in
 #              left-to-right order, s_i <= s_{i+1} (1 = strictly left to right). T* (arXiv 2601.11214)
-#              reports LocalStrict without a formula; this is this file's definition.
+#              reports LocalStrict without a formula; this is this file's definition. Example, B = 4, a
+#              prompt of 2, step map 1 2 | 3 3 5 4 | 6 6: of the in-block pairs (1,2) (3,3) (3,5) (5,4) (6,6)
+#              all but (5,4) are in order: LocalStrict 4/5.
 # truncated    the fraction of responses cut by the length limit (they score 0)
 # Every one is a ratio of sums over the samples of all processes (rollout_stats), for RL steps and
 # evaluation alike.
@@ -764,6 +787,7 @@ def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: 
     truncated by the length limit, each a ratio of sums over the samples of all processes."""
     ordered, pairs = local_strict([g.step_map[: g.n_tokens] for g in gens], [g.prompt_len for g in gens],
                                   block_size, offset)
+    # every count a sum over this process's samples, then over all processes; the ratios are taken last
     s = {k: dist_sum(v) for k, v in dict(
         samples=len(gens), correct=float(torch.as_tensor(rewards).sum()), tokens=sum(g.n_tokens for g in gens),
         nfe=sum(g.nfe for g in gens), ordered=ordered, pairs=pairs, cut=sum(not g.stopped for g in gens)).items()}
@@ -780,7 +804,9 @@ def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: 
 #   1. rollouts: G samples per prompt at temperature 1 from the Engine, and their rewards (collect_rollouts);
 #   2. the states the sampler visited, as training sequences (trace rounds, section 5);
 #   3. old log-probs and values at the pre-update weights, in the same layout (old_policy_scores); their
-#      difference to the log-probs the sampler saw is logged as the trajectory gap;
+#      difference to the log-probs the sampler saw is logged as the trajectory gap. PPO's ratio uses these
+#      recomputed log-probs, not the sampler's: with a bf16 rollout copy the two differ by rounding, and the
+#      ratio must be 1 at the first minibatch for the clipping to mean what it says;
 #   4. advantages per target token (section 6);
 #   5. PPO: --minibatches optimizer steps on shuffled shares of the sequences (ppo_minibatches).
 # The Engine samples from the policy itself on one process in fp32 (the CPU default: the trainer then
@@ -807,9 +833,9 @@ def rewards_of(gens: Sequence[Generation], problems: Sequence[dict], tokenizer, 
 def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
                      block_size: int, offset: int, generator) -> Rollouts:
     """G samples per problem at the rollout temperature (1.0; dynamic remasking by default), and rewards."""
-    G = cfg.group_size
+    G = cfg.group_size                           # G copies of each prompt: the group whose rewards are compared
     prompts = [encode_prompt(tokenizer, p["question"]) for p in problems for _ in range(G)]
-    engine.refresh()
+    engine.refresh()                             # (the rollout copy: the policy's current weights)
     gens = engine.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
                            **sampler_kwargs(cfg, engine.model, tokenizer, block_size, rollout=True))
     rewards = rewards_of(gens, [p for p in problems for _ in range(G)], tokenizer, reward_fn)     # (samples,)
@@ -843,6 +869,8 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, ad
     policy.train()
     order = torch.randperm(len(tb.ids), generator=shuffle).tolist()
     clipped, kls, vlosses, plosses, norms = [], [], [], [], []
+    # each minibatch: the loss of every micro-batch, divided by the minibatch's global weight (gae: its number of
+    # target tokens), backward (gradients accumulate), then one clipped optimizer step
     for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches):
         mb = mb.tolist()
         tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb] or
@@ -942,6 +970,8 @@ def rl_step(policy, value_head, opt, engine: Engine, tokenizer, problems: Sequen
 # so the trajectory stays consistent; the other batches use offset 0. Evaluation always uses offset 0.
 # The shifted batches are spread evenly over the stage: batch k is shifted iff floor((k+1) f) > floor(k f).
 # --direct is the paper's baseline: the same number of stages and steps, all at the final block size.
+# The default plan: 4 stages of 30 steps at B = 4, 8, 16, 32, with offsets 0, 2, 0, 2, ... at B = 4 and 0, 16,
+# 0, 16, ... at B = 32; --direct: the same 4 x 30 steps, all at B = 32.
 #
 # train() is the whole method: an evaluation of the start model, then per stage --steps-per-stage RL steps at
 # the stage's block size and planned offsets, an evaluation at every evaluation block size, and a checkpoint.
@@ -949,7 +979,8 @@ def rl_step(policy, value_head, opt, engine: Engine, tokenizer, problems: Sequen
 
 def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction: float,
                direct: bool = False) -> list[tuple[int, list[int]]]:
-    """[(B, [offset of each RL step])] per stage."""
+    """[(B, [offset of each RL step])] per stage: the shifted steps (offset B/2) spread evenly, e.g.
+    stage_plan([4, 8], 4, 0.5) = [(4, [0, 2, 0, 2]), (8, [0, 4, 0, 4])]."""
     plan = []
     for B in block_sizes:
         B = block_sizes[-1] if direct else B
@@ -971,7 +1002,9 @@ def seed_for(seed: int, stage: int = 0, step: int = 0, rank: int = 0) -> int:
 def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_problems, eval_sets, reward_fn,
           rec: Recorder, done: int = 0) -> None:
     """The T* loop: stages of TraceRL at growing block sizes, an evaluation and a checkpoint after each;
-    `done` stages were finished by an earlier run (--resume)."""
+    `done` stages were finished by an earlier run (--resume). Each stage has a fresh AdamW (the policy at
+    --lr, the value head at --value-lr), and every process draws the same problems for a step, then takes
+    every N-th of them; the weights and the value head carry over from stage to stage."""
     plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
     if done == 0:
         evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, 0, plan[0][0], 0)
@@ -981,6 +1014,8 @@ def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_probl
         opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
                                  {"params": value_head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
         for step, offset in enumerate(offsets):
+            # the step's problems: one draw, the same on every process, which takes every N-th of them; the
+            # sampling of its rollouts: a random stream of its own (seed_for)
             problems = random.Random(f"{cfg.seed}-{k}-{step}").sample(train_problems, cfg.prompts_per_step)
             generator = torch.Generator(engine.device).manual_seed(seed_for(cfg.seed, k, step, rank))
             stats = rl_step(model, value_head, opt, engine, tokenizer, problems[rank::size], reward_fn, cfg, B,
@@ -1018,7 +1053,7 @@ def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg
     seconds = dist_sum(time.time() - t0) / size                           # the processes ran side by side
     rewards = rewards_of(gens, [p for p in mine for _ in range(n)], tokenizer, reward_fn).numpy().reshape(-1, n)
     metrics = rollout_stats(gens, rewards, block_size)
-    n_problems = dist_sum(len(mine))
+    n_problems = dist_sum(len(mine))            # pass@n: per problem from its n samples, then the mean
     metrics.update({f"pass@{n}": dist_sum(sum(pass_at_k(n, int(c), n) for c in rewards.sum(1))) / max(1, n_problems),
                     "tokens_per_s": metrics["length"] * dist_sum(len(gens)) / max(1e-9, seconds),
                     "problems": int(n_problems)})
@@ -1283,8 +1318,9 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         low, high, closed = RANGES.get(f.name, (None, None, True))
         if value is not None and low is not None and (value < low or value == low and not closed or
                                                       high is not None and value > high):
-            where = f"{'[' if closed else '('}{low}, {high}]" if high is not None else f"{'>=' if closed else '>'} {low}"
-            raise UsageError(f"{name} must be {'in ' if high is not None else ''}{where}, got {value}")
+            if high is None:
+                raise UsageError(f"{name} must be {'>=' if closed else '>'} {low}, got {value}")
+            raise UsageError(f"{name} must be in {'[' if closed else '('}{low}, {high}], got {value}")
     sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
     eval_sizes = parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
     checks = [
@@ -1299,7 +1335,8 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    return dataclasses.replace(cfg, curriculum=tuple(sizes), eval_sizes=tuple(eval_sizes), band=parse_band(cfg.acc_band))
+    return dataclasses.replace(cfg, curriculum=tuple(sizes), eval_sizes=tuple(eval_sizes),
+                               band=parse_band(cfg.acc_band))
 
 
 def parse_int_list(text: str, name: str) -> list[int]:
@@ -1621,7 +1658,8 @@ def extract_boxed(text: str) -> str | None:
     return None                                     # unbalanced: the response was cut inside the box
 
 
-UNIT_WORD = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?)\s*(?:\\(?:text|mbox|mathrm)\{\s*)?([A-Za-z]{2,}(?:\s+[A-Za-z]+)*)\s*\}?$")
+UNIT_WORD = re.compile(r"^(-?\d[\d,]*(?:\.\d+)?)\s*(?:\\(?:text|mbox|mathrm)\{\s*)?"       # a number, then
+                       r"([A-Za-z]{2,}(?:\s+[A-Za-z]+)*)\s*\}?$")                        # words, maybe in \text{}
 
 
 NOT_UNITS = {"pi", "sqrt", "ln", "log", "sin", "cos", "tan", "or", "and", "to", "of", "times", "cdot", "div", "mod",
@@ -1687,7 +1725,8 @@ def verify_answer(gold: str, pred: str, timeout: int = 8) -> float:
     quarter = max(1, timeout // 4)
     try:
         ok = verify(parse("\\boxed{" + gold + "}", parsing_timeout=quarter),
-                    parse("\\boxed{" + pred + "}", parsing_timeout=quarter), timeout_seconds=max(1, timeout - 2 * quarter))
+                    parse("\\boxed{" + pred + "}", parsing_timeout=quarter),
+                    timeout_seconds=max(1, timeout - 2 * quarter))
     except Exception:
         return 0.0
     return float(bool(ok))
@@ -1756,7 +1795,8 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
         fields = next((f for f in LOCAL_FIELDS if set(f) <= set(ds.column_names)), None)
         if fields is None:
             missing = "question" if not {"question", "problem"} & set(ds.column_names) else "answer"
-            raise UsageError(f"{name} has no {missing!r} field (nor {'problem' if missing == 'question' else 'solution'!r}); "
+            other = "problem" if missing == "question" else "solution"
+            raise UsageError(f"{name} has no {missing!r} field (nor {other!r}); "
                              f"columns found: {', '.join(ds.column_names)}")
     elif name in DATASETS:                        # a name from the table above: the hub (or its cache)
         hub_id, config, split, *fields = DATASETS[name]
@@ -1925,9 +1965,9 @@ def row_bucket(n: int, capacity: int) -> int:
 
 class Decoder:
     """The sampler's forward passes. One serves a batch of generate calls (all rollouts of an RL step; with
-    graphs, every call of the run): it holds the KV cache, sized for `rows` x `width`. With graphs=True the steps have fixed shapes (rows
-    in powers of two, padded with finished rows; keys in multiples of KV_BUCKET, later slots masked), and
-    on CUDA each shape (rows, query width, key length) is captured once as a CUDA graph and replayed at
+    graphs, every call of the run): it holds the KV cache, sized for `rows` x `width`. With graphs=True the
+    steps have fixed shapes (rows in powers of two, padded with finished rows; keys in multiples of KV_BUCKET,
+    later slots masked), and on CUDA each shape (rows, query width, key length) is captured once as a CUDA graph and replayed at
     every step of that shape: one launch instead of ~50 kernel launches per layer. Without a cache
     (kv_cache=False) every step recomputes the whole prefix: slow, for checks and benchmarks only."""
 
@@ -2060,16 +2100,12 @@ def fuse_rms_norms(model) -> None:
 
 
 class Engine:
-    """What rollouts and evaluation sample from (nanochat's name for it). On one process with weights already in the
-    compute dtype (the CPU default, fp32) that is the policy itself, so the trainer recomputes the
-    sampler's log-probs exactly. Otherwise (bf16 on CUDA; always under FSDP, where no process holds whole
-    weights) it is a copy of the policy in the compute dtype, refreshed from the policy's weights before
-    every use: one gather per optimizer step, not one per layer per denoising step. The copy's keys and
-    values are in the compute dtype too. Rows are decoded `rows` at a time (--rollout-batch), all batches
-    of one call sharing one Decoder: one KV cache and, with graphs, one set of CUDA graphs. With keep=True
-    (the default with graphs, where the memory plan allows it) the Decoder stays for later calls too, so
-    that each CUDA graph is captured once per run rather than once per RL step; its row capacity is then a
-    power of two, which compaction halves into shapes already captured."""
+    """What rollouts and evaluation sample from (nanochat's name for it): the policy itself when its weights
+    are already in the compute dtype on one process (the CPU default: the trainer then recomputes the sampler's
+    log-probs exactly), else a copy in the compute dtype (bf16 on CUDA; always under FSDP), refreshed before
+    every use: one gather per optimizer step. Rows are decoded `rows` at a time (--rollout-batch) through one
+    Decoder per call; with keep=True (graphs, where the memory plan allows) one Decoder for the whole run, so
+    each CUDA graph is captured once, with a power-of-two row capacity that compaction halves."""
 
     def __init__(self, policy, dtype: torch.dtype, rows: int, graphs: bool = False, frozen: bool = False,
                  keep: bool | None = None, width: int = 0):
@@ -2141,17 +2177,21 @@ def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool
 # ======================================================================================================
 # 15. Memory: the trainer's micro-batches, the rollout batch
 # ======================================================================================================
-# What a GPU holds, per process: the fp32 weights and AdamW's two moments (12 bytes per parameter, / N under
-# FSDP) always; the gradients (4 bytes / N) and activations while training; the rollout copy (2 bytes per
-# parameter in bf16, whole) and the KV cache of the rollout batch while sampling. The gradients are freed
-# before each rollout, so the two peaks do not add up, unless the Engine keeps its Decoder (CUDA graphs:
-# captured once, into the same KV cache), whose KV cache then stays while the policy trains. The rollout batch
-# is chosen from the free memory at start (memory_plan) unless --rollout-batch sets it, and a batch that cannot
-# fit is an error at start, not an out-of-memory error an hour later. The trainer's micro-batches are bounded by
-# sequences (--micro-batch) and by the logits of their targets (micro_batches).
+# The rollout batch is chosen from the free memory at start (memory_plan) unless --rollout-batch sets it, and a
+# batch that cannot fit is an error at start, not an out-of-memory error an hour later. The trainer's
+# micro-batches are bounded by sequences (--micro-batch) and by the logits of their targets (micro_batches).
 
 
 LOGIT_BYTES = 2 ** 30    # fp32 logits of a micro-batch's targets: at most this much (1,766 targets at SDAR's vocab)
+
+
+def pad_rows(ids, pos, noisy, pad_id: int):
+    """Right-pad lists of 1-D row tensors into (n, T) tensors plus the real-token mask."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    valid = pad_sequence([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in ids], batch_first=True)
+    return (pad_sequence(list(ids), batch_first=True, padding_value=pad_id),
+            pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
 
 
 def micro_batches(tb: TraceBatch, seqs: Sequence[int], micro_batch: int, vocab_size: int) -> list[list[int]]:
@@ -2233,17 +2273,17 @@ def free_memory(device) -> int | None:
 
 def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, device, training: bool,
                 copy: bool, graphs: bool, free: int | None = None) -> dict:
-    """Rows per sampler call (--rollout-batch, or chosen here), whether the Sampler keeps its Decoder between
+    """Rows per sampler call (--rollout-batch, or chosen here), whether the Engine keeps its Decoder between
     calls (keep), and a one-line estimate per GPU (line):
         training state  fp32 weights + AdamW's two moments, 12 bytes per parameter, / N under FSDP
         gradients       4 bytes per parameter / N, and the activations of a micro-batch, while training
         rollout copy    the weights in the compute dtype (bf16: 2 bytes per parameter), whole on every GPU
         KV cache        rows x layers x 2 x kv heads x head dim x dtype bytes x the Decoder's width
-    plus per row the logits of a block (B x vocab x propose_bytes_per_logit) while a step proposes. `free`: the
-    bytes free for the run (free_memory when None). On CUDA the automatic batch is as many rows as fit in 90% of
-    the free memory beside what training will still allocate: AdamW's moments, and, when the Decoder stays
-    between calls (CUDA graphs, kept where they fit beside it), the gradients and activations too, since its
-    KV cache then stays while the policy trains. On the CPU it is 256. A batch that does not fit is an error."""
+    plus per row the logits of a block (B x vocab x propose_bytes_per_logit) while a step proposes. The
+    gradients are freed before each rollout, so the two peaks do not add up, unless the Decoder stays (CUDA
+    graphs, kept where that costs less than half the rows): its KV cache then stays while the policy trains,
+    and the batch leaves room for them. On CUDA the automatic batch is as many rows as fit in 90% of the free
+    memory (`free`, read when None) beside what training will still allocate; on the CPU it is 256."""
     n_params = sum(p.numel() for p in model.parameters())       # (a DTensor's numel is the whole tensor's)
     n_proc = world()[1] if training else 1        # the processes FSDP splits the training state over
     config, dtype = model.config, compute_dtype(cfg, device)
@@ -2277,7 +2317,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
             rows = min(1024, fit if fit < 16 else fit // 8 * 8)
             note = f", chosen from {human(free)} free"
     rows = rows or 256
-    if graphs:                                   # (Sampler rounds a graph capacity down to a power of two)
+    if graphs:                                   # (Engine rounds a graph capacity down to a power of two)
         rows = 1 << (rows.bit_length() - 1)
     kv = rows * kv_row
     shared = f" (/ {n_proc} processes)" if n_proc > 1 and training else ""
@@ -2285,7 +2325,8 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
             f"{human(state)}{shared} + rollout copy {human(copy_bytes)} + KV cache {human(kv)} ({rows} rows x "
             f"{width} tokens) = {human(state + copy_bytes + kv)} while sampling"
             + (f"; gradients {human(grads)}{shared} + activations ~{human(acts)} while training" if training else "")
-            + f"; rollout batch {rows} rows{note}" + ("; the KV cache and CUDA graphs stay between calls" if keep else ""))
+            + f"; rollout batch {rows} rows{note}"
+            + ("; the KV cache and CUDA graphs stay between calls" if keep else ""))
     return dict(params=n_params, processes=n_proc, state=state, grads=grads, activations=acts, copy=copy_bytes,
                 per_row=per_row, width=width, rows=rows, keep=keep, line=line)
 
@@ -2418,8 +2459,8 @@ def full_state_dict(module) -> dict:
     return out
 
 
-def check_in_sync(sampler) -> list[float]:
-    """Under torchrun every process samples from a whole copy of the weights (Sampler.refresh), and all of
+def check_in_sync(engine) -> list[float]:
+    """Under torchrun every process samples from a whole copy of the weights (Engine.refresh), and all of
     them must be one policy: a copy left stale would sample from other weights, silently. Compares one float64
     sum per parameter of every process's copy, computed on its device (cheap) and gathered; stops with a
     clear error if any differs. (FSDP's shards need no check: they are parts of one tensor by construction.)
@@ -2427,12 +2468,17 @@ def check_in_sync(sampler) -> list[float]:
     import torch.distributed as dist
     if not dist.is_initialized():
         return []
-    mine = [float(p.detach().sum(dtype=torch.float64)) for p in sampler.model.parameters()]
+    mine = [float(p.detach().sum(dtype=torch.float64)) for p in engine.model.parameters()]
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     if any(theirs != mine for theirs in every):
         raise RuntimeError(f"the processes' rollout copies hold different weights (sums {[sum(e) for e in every]})")
     return [sum(e) for e in every]
+
+
+def global_mean(x: torch.Tensor) -> float:
+    """The mean of x's elements over all processes: a ratio of sums (0 when there are none)."""
+    return dist_sum(x.double().sum().item()) / max(1.0, dist_sum(x.numel()))
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
@@ -2631,7 +2677,8 @@ def stages_done(cfg: Config, out: Path) -> int:
     if differ or done > len(cfg.curriculum) or last != stage_dir(cfg, out, done):
         changes = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in differ[:3])
         raise UsageError(f"--resume: stage {done} in {out} was trained with other settings "
-                         f"({changes or 'another --block-sizes'}); resume with the same flags, or choose another --out-dir")
+                         f"({changes or 'another --block-sizes'}); resume with the same flags, or choose another "
+                         f"--out-dir")
     return done
 
 
@@ -2674,7 +2721,8 @@ class Recorder:
                     if i == len(lines) - 1:       # cut by an interrupted write: a line of the unfinished stage
                         break
                     raise UsageError(f"{self.path} line {i + 1} cannot be read back: delete that line (or the "
-                                     f"file: the resumed run's table then starts at stage {keep_stages_below})") from None
+                                     f"file: the resumed run's table then starts at stage {keep_stages_below})"
+                                     ) from None
                 if record["stage"] < keep_stages_below:
                     self.records.append(record)
         if is_main():                             # a fresh run starts the file anew
