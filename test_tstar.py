@@ -1817,6 +1817,9 @@ def test_explained_variance_hand_worked_and_none_when_undefined():
     assert tstar.explained_variance(R, R) == pytest.approx(1.0)
     assert tstar.explained_variance(R, torch.zeros(4)) == pytest.approx(0.0)
     assert tstar.explained_variance(torch.ones(4), V) is None and tstar.explained_variance(R[:1], V[:1]) is None
+    # two targets, and returns that vary little: R = (0, 2), V = (0, 1): Var(R) = 1, Var(R - V) = 0.25
+    assert tstar.explained_variance(torch.tensor([0.0, 2.0]), torch.tensor([0.0, 1.0])) == pytest.approx(0.75)
+    assert tstar.explained_variance(torch.tensor([0.0, 0.1]), torch.tensor([0.0, 0.05])) == pytest.approx(0.75)
 
 
 def test_the_logged_entropy_is_the_entropy_of_the_policy_at_the_targets(tiny):

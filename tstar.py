@@ -729,11 +729,11 @@ def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
 
 
 def explained_variance(returns, values) -> float | None:
-    """1 - Var(R - V) / Var(R) over the targets of all processes; None when the returns do not vary (or there
-    are fewer than two): then no value explains anything."""
+    """1 - Var(R - V) / Var(R) over the targets of all processes; None when the returns do not vary (one
+    target, or all alike): then no value explains anything."""
     var = lambda x: global_mean((x - global_mean(x)) ** 2)      # noqa: E731  (the variance over processes)
     var_r = var(returns)
-    return 1 - var(returns - values) / var_r if dist_sum(len(returns)) >= 2 and var_r > 1e-8 else None
+    return 1 - var(returns - values) / var_r if var_r > 1e-8 else None
 
 
 def new_value_head(model) -> torch.nn.Linear:
