@@ -806,7 +806,7 @@ def bad_inputs(tmp):
              "corrupt/config.json": "{not json", "stage-model/tstar.json": "{",
              "runs/corrupt-stage/stage1-B4/tstar.json": '{"config": ',
              "runs/corrupt-warm/warmstart/tstar.json": "",
-             "runs/backup/stage-old-B4/tstar.json": "{}"}
+             "runs/backup/stage-old-B4/tstar.json": "{}", "runs/foreign-warm/warmstart/config.json": "{}"}
     for name, text in files.items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_text(text)
@@ -870,6 +870,7 @@ def disk(tmp):
     (["--out-dir", "{tmp}/runs/corrupt-warm"], "warmstart/tstar.json cannot be read back"),
     (["--out-dir", "{tmp}/runs/backup", "--resume"], "no finished stage"),
     (["--out-dir", "{tmp}/runs/warm-without-weights"], "cannot load"),
+    (["--out-dir", "{tmp}/runs/foreign-warm"], "warmstart exists but is not a warm start tstar finished"),
     (["--out-dir", "{tmp}/runs/finished", "--eval-only", "--warm-start-steps", "3"],
      "is a warm start made with other settings (steps 600 then, 3 now)"),
     (["--train-size", "0"], "--train-size must be >= 1"),
@@ -1420,6 +1421,9 @@ cfg = tstar.finalize_config(tstar.Config(micro_batch=4), set())
 plan = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cpu"), True, True, True, free=int(sys.argv[2]))
 sampler = tstar.Engine(model, torch.float32, 8)
 sums = tstar.check_in_sync(sampler)
+with torch.no_grad():                             # the same NaN everywhere (another tensor): still one policy
+    list(sampler.model.parameters())[-1][0] = float("nan")
+tstar.check_in_sync(sampler)
 if rank == 1:                                     # a stale copy on one process
     with torch.no_grad():
         next(sampler.model.parameters())[0, 0] += 1.0
@@ -1929,10 +1933,44 @@ def test_every_evaluation_at_a_block_size_draws_the_same_random_numbers(tiny):
 
 
 def test_every_random_stream_of_a_run_has_its_own_seed():
-    """The rollouts of every (stage, step, process) of a 4-stage run of 100 steps a stage on 8 processes, and its
+    """The rollouts of every (stage, step, process) of a 4-stage run of 300 steps a stage on 16 processes, and its
     evaluations at each block size (the stage after the last), draw from distinct seeds."""
     for seed in (0, 1, 7):
-        seeds = [tstar.seed_for(seed, k, step, rank) for k in range(4) for step in range(100) for rank in range(8)]
-        seeds += [tstar.seed_for(seed, 4, B, rank) for B in (4, 8, 16, 32) for rank in range(8)]
+        seeds = [tstar.seed_for(seed, k, step, rank) for k in range(4) for step in range(300) for rank in range(16)]
+        seeds += [tstar.seed_for(seed, 4, B, rank) for B in (4, 8, 16, 32) for rank in range(16)]
         assert len(set(seeds)) == len(seeds)
     assert len({tstar.seed_for(seed) for seed in range(100)}) == 100 and tstar.seed_for(0) == 0
+
+
+
+def test_a_capture_that_fails_is_not_tried_again_and_the_sampler_runs_eagerly(tiny, monkeypatch):
+    model, tok = tiny
+    tries = []
+
+    def failing_capture(self, *a):
+        tries.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    init = tstar.Decoder.__init__
+
+    def init_capturing(self, *a, **k):
+        init(self, *a, **k)
+        self.capture = self.graphs and not tstar.Decoder.capture_failed          # (as on CUDA)
+    monkeypatch.setattr(tstar.Decoder, "capture_failed", False)
+    monkeypatch.setattr(tstar.Decoder, "capture_graph", failing_capture)
+    monkeypatch.setattr(tstar.Decoder, "__init__", init_capturing)
+    prompts = many_prompts(tok)
+    eager = decode(model, tok, prompts)
+    for _ in range(2):                                   # two Engines: a new Decoder each
+        assert decode(model, tok, prompts, 4, graphs=True) == eager
+    assert tries == [1] and tstar.Decoder.capture_failed
+
+
+def test_the_tiny_warm_start_trains_in_fp32_whatever_the_compute_dtype(tmp_path):
+    """--eval-only in bf16 (as on a GPU) without a warm start on disk trains it in fp32, the same one a training
+    run trains, and evaluates a bf16 cast of it."""
+    small = ["--warm-start-steps", "3", "--warm-start-batch", "4", "--train-size", "40", "--test-size", "4",
+             "--eval-block-sizes", "4", "--max-new-tokens", "24", "--device", "cpu", "--eval-only"]
+    assert tstar.main(small + ["--dtype", "bfloat16", "--out-dir", str(tmp_path / "bf16")]) == 0
+    assert tstar.main(small + ["--out-dir", str(tmp_path / "fp32")]) == 0
+    a, b = weights(tmp_path / "bf16" / "warmstart"), weights(tmp_path / "fp32" / "warmstart")
+    assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in b)

@@ -79,16 +79,20 @@ from tqdm.auto import tqdm  # noqa: E402
 # trace rounds, the TraceRL loss, metrics, the RL step, the curriculum, evaluation. Part I uses a few names
 # of Part II, each a piece a reader can take on trust:
 #     Config                   every setting (cfg.lr, cfg.group_size, ...), one dataclass field each
-#     pad_rows                 rows of different lengths right-padded into one (n, T) batch
-#     hidden_states            the model's final hidden states under an explicit 4D attention mask
-#     Decoder                  the forward passes the sampler steps: an in-place KV cache (CUDA graphs)
-#     Engine                   what rollouts and evaluation sample from: the policy or its bf16 copy,
-#                              in batches of rows (Engine.generate runs generate below)
+#     encode_prompt, hidden_states, pad_rows
+#                              a question's token ids (a chat template for checkpoints); the model's final hidden
+#                              states under an explicit 4D mask; rows of other lengths padded into one batch
+#     padded_frame, Frame, Decoder
+#                              the sampler's batch laid out in one frame, and the forward passes the sampler
+#                              steps through it: an in-place KV cache (CUDA graphs with --compile)
+#     Engine, sampler_kwargs   what rollouts and evaluation sample from: the policy or its bf16 copy, in
+#                              batches of rows (Engine.generate runs generate below); the config's settings
+#     micro_batches, score_sequences
+#                              the trainer's forwards over a TraceBatch, a micro-batch at a time
 #     autocast                 forward passes in the compute dtype (bf16 on a GPU)
-#     world, is_main, dist_sum, dist_max, global_mean
-#                              (rank, processes); rank 0; a number summed / maxed / a mean over the processes
-#     as_many_everywhere, idle_forward, clip_grad_norm
-#                              FSDP's rules: as many forwards on every process; the gradient norm
+#     world, is_main, dist_sum, dist_max, global_mean, as_many_everywhere, clip_grad_norm
+#                              (rank, processes), rank 0, a sum / max / mean over the processes, as many
+#                              forwards on every process (FSDP's rule), the gradient norm
 #     Recorder                 what a run keeps: metrics.jsonl, the console, plots, stage checkpoints
 # On one process (the CPU default) the process helpers are the identity, and the Engine is the policy.
 
@@ -397,11 +401,6 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
         frame = decoder.compact(frame)               # (when half the rows are done: the live ones to the front)
     model.train(was_training)
     return results
-
-
-def response_text(tokenizer, g: Generation) -> str:
-    """The response as text: tokens through the first stop (at most max_new_tokens), special tokens removed."""
-    return tokenizer.decode(g.ids[: g.n_tokens], skip_special_tokens=True)
 
 
 # ======================================================================================================
@@ -825,9 +824,10 @@ class Rollouts:
 
 
 def rewards_of(gens: Sequence[Generation], problems: Sequence[dict], tokenizer, reward_fn) -> torch.Tensor:
-    """(samples,) rewards: reward_fn of each response's text, 0 for a response truncated by the length limit."""
-    return torch.tensor([reward_fn(response_text(tokenizer, g), p) if g.stopped else 0.0
-                         for g, p in zip(gens, problems)])
+    """(samples,) rewards: reward_fn of each response's text (through its stop token, special tokens removed) and
+    its problem; 0 for a response truncated by the length limit."""
+    return torch.tensor([reward_fn(tokenizer.decode(g.ids[: g.n_tokens], skip_special_tokens=True), p) if g.stopped
+                         else 0.0 for g, p in zip(gens, problems)])
 
 
 def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
@@ -991,12 +991,12 @@ def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction:
 
 
 def seed_for(seed: int, stage: int = 0, step: int = 0, rank: int = 0) -> int:
-    """The seed of one torch random stream of a run: the warm start and the initial weights (0, 0, 0), the
-    rollouts of RL step `step` of stage `stage` on process `rank`, and evaluation (the stage after the last,
-    which no RL step uses). The multipliers are primes, so no two streams of one run share a seed. (The
-    problems of a step are drawn with Python's random from the key "seed-stage-step", the same on every
-    process, which then takes every N-th of them.)"""
-    return seed * 1_000_003 + stage * 10_007 + step * 101 + rank
+    """The seed of one torch random stream of a run: the rollouts of RL step `step` of stage `stage` on process
+    `rank`, and evaluation (the stage after the last). 10,007 and 101 are primes and the processes lie
+    1,000,000,007 apart, so two of a run's streams share a seed only if their steps differ by a multiple of
+    10,007. The warm start and the initial weights use seed_for(seed) (for masks and weights, not samples). A
+    step's problems are drawn with Python's random from "seed-stage-step", the same on every process."""
+    return seed * 1_000_003 + stage * 10_007 + step * 101 + rank * 1_000_000_007
 
 
 def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_problems, eval_sets, reward_fn,
@@ -1964,17 +1964,20 @@ def row_bucket(n: int, capacity: int) -> int:
 
 
 class Decoder:
-    """The sampler's forward passes. One serves a batch of generate calls (all rollouts of an RL step; with
-    graphs, every call of the run): it holds the KV cache, sized for `rows` x `width`. With graphs=True the
-    steps have fixed shapes (rows in powers of two, padded with finished rows; keys in multiples of KV_BUCKET,
-    later slots masked), and on CUDA each shape (rows, query width, key length) is captured once as a CUDA graph and replayed at
-    every step of that shape: one launch instead of ~50 kernel launches per layer. Without a cache
-    (kv_cache=False) every step recomputes the whole prefix: slow, for checks and benchmarks only."""
+    """The sampler's forward passes. One serves a batch of generate calls (all rollouts of an RL step; with graphs
+    kept by the Engine, every call of the run): it holds the KV cache, sized for `rows` x `width`. With
+    graphs=True the steps have fixed shapes (rows in powers of two, padded with finished rows; keys in multiples
+    of KV_BUCKET, later slots masked), and on CUDA each shape (rows, query width, key length) is captured once
+    as a CUDA graph and replayed at every step of that shape: one launch instead of ~50 kernel launches per
+    layer. Without a cache (kv_cache=False) every step recomputes the whole prefix: slow, for checks and
+    benchmarks only."""
+
+    capture_failed = False        # a capture that failed once is not tried again, in this Decoder or any later one
 
     def __init__(self, model, rows: int, width: int, kv_cache: bool = True, graphs: bool = False):
         self.model, self.rows, self.graphs = model, rows, graphs
         p = next(model.parameters())
-        self.capture = graphs and p.device.type == "cuda"
+        self.capture = graphs and p.device.type == "cuda" and not Decoder.capture_failed
         self.width = width = decoder_width(width, graphs)
         self.cache = KVCache(model.config, rows, width, p.dtype, p.device) if kv_cache else None
         self.captured: dict = {}
@@ -2017,7 +2020,7 @@ class Decoder:
             try:
                 return self.replay(ids, pos, mask, write_at)[:, -B:]
             except RuntimeError as e:                 # an op the capture cannot take: run eagerly from now on
-                self.capture = False
+                self.capture, Decoder.capture_failed = False, True        # (and in every later Decoder)
                 print(f"--compile: the step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
                       f"the sampler runs eagerly", file=sys.stderr)
         self.cache.rows, self.cache.kv_len, self.cache.write_at = slice(0, ids.shape[0]), kv, write_at
@@ -2100,12 +2103,12 @@ def fuse_rms_norms(model) -> None:
 
 
 class Engine:
-    """What rollouts and evaluation sample from (nanochat's name for it): the policy itself when its weights
-    are already in the compute dtype on one process (the CPU default: the trainer then recomputes the sampler's
-    log-probs exactly), else a copy in the compute dtype (bf16 on CUDA; always under FSDP), refreshed before
-    every use: one gather per optimizer step. Rows are decoded `rows` at a time (--rollout-batch) through one
-    Decoder per call; with keep=True (graphs, where the memory plan allows) one Decoder for the whole run, so
-    each CUDA graph is captured once, with a power-of-two row capacity that compaction halves."""
+    """What rollouts and evaluation sample from (nanochat's name for it): the policy itself when its weights are
+    already in the compute dtype on one process (the CPU default: the trainer then recomputes the sampler's log-
+    probs exactly), else a copy in the compute dtype (bf16 on CUDA; always under FSDP), refreshed before every
+    rollout and evaluation (one gather per RL step). Rows are decoded `rows` at a time (--rollout-batch) through
+    one Decoder per call; with keep=True (graphs, where the memory plan allows) one Decoder for the whole run,
+    so each CUDA graph is captured once, with a power-of-two row capacity that compaction halves."""
 
     def __init__(self, policy, dtype: torch.dtype, rows: int, graphs: bool = False, frozen: bool = False,
                  keep: bool | None = None, width: int = 0):
@@ -2468,12 +2471,13 @@ def check_in_sync(engine) -> list[float]:
     import torch.distributed as dist
     if not dist.is_initialized():
         return []
-    mine = [float(p.detach().sum(dtype=torch.float64)) for p in engine.model.parameters()]
+    mine = [float(p.detach().sum(dtype=torch.float64)).hex() for p in engine.model.parameters()]   # (NaN == NaN)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
+    sums = [sum(map(float.fromhex, e)) for e in every]
     if any(theirs != mine for theirs in every):
-        raise RuntimeError(f"the processes' rollout copies hold different weights (sums {[sum(e) for e in every]})")
-    return [sum(e) for e in every]
+        raise RuntimeError(f"the processes' rollout copies hold different weights (sums {sums})")
+    return sums
 
 
 def global_mean(x: torch.Tensor) -> float:
@@ -2570,6 +2574,9 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
     path = out / "warmstart"
     settings = warm_start_settings(cfg)
     info_file = path / "tstar.json"
+    if path.exists() and not info_file.is_file():        # (save_checkpoint writes tstar.json: not tstar's warm start)
+        raise UsageError(f"{path} exists but is not a warm start tstar finished (no tstar.json): move it away, or "
+                         f"choose another --out-dir")
     reuse = info_file.is_file()
     if reuse:                                     # never replaced: minutes of compute, maybe another run's
         saved = read_json(info_file, f"delete {path} to train the warm start again").get("settings", {})
@@ -2599,7 +2606,8 @@ def stage_dir(cfg: Config, out: Path, stage: int) -> Path:
 
 
 RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch", "compile", "micro_batch",
-                     "grad_checkpointing", "show_trajectory")     # settings that do not change what is trained
+                     "grad_checkpointing", "show_trajectory")     # settings that do not change the method (rows per
+# sampler call do change which random numbers a sample draws at temperature > 0: equal ones reproduce a run)
 
 
 @contextlib.contextmanager
@@ -2898,7 +2906,9 @@ def run(cfg: Config) -> None:
         # the model and the data, and every check that needs them, before any long work
         dtype = compute_dtype(cfg, device)
         storage = dtype if cfg.eval_only else torch.float32        # training keeps fp32 master weights
-        model, tokenizer = load_model_and_tokenizer(cfg.model, device, storage)
+        # (a config JSON: fp32 until the warm start is trained, which a bf16 AdamW would do badly)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, device,
+                                                    torch.float32 if is_architecture_file(cfg.model) else storage)
         all_block_sizes = sorted({*cfg.curriculum, cfg.base_block_size, *cfg.eval_sizes})
         for B in all_block_sizes:
             check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
