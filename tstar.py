@@ -2745,7 +2745,7 @@ class Recorder:
     def rl_step(self, r: dict) -> None:
         self.write(r)
         if is_main():                             # "-" for what was not measured (None)
-            f = lambda key, spec: "-" if r[key] is None else format(r[key], spec)   # noqa: E731
+            f = lambda key, spec: shown(r[key], spec)          # noqa: E731
             print(f"stage {r['stage']} B={r['block_size']:<2d} off={r['offset']:<2d} step {r['step']:4d} | "
                   f"acc {r['accuracy']:.3f} kept {r['kept']:.2f} truncated {r['truncated']:.2f} TPF {r['tpf']:.2f} "
                   f"LS {f('local_strict', '.3f')} len {r['length']:.1f} | loss {f('policy_loss', '+.3f')} "
@@ -2762,7 +2762,7 @@ class Recorder:
         self.write(r)
         if not is_main():
             return
-        ls = "-" if r["local_strict"] is None else f"{r['local_strict']:.3f}"
+        ls = shown(r["local_strict"], ".3f")
         print(f"  eval {label:>10} {r['dataset']} B={B:<3d} acc {r['accuracy']:.3f}  pass@{cfg.eval_samples} "
               f"{r[f'pass@{cfg.eval_samples}']:.3f}  TPF {r['tpf']:.2f}  LocalStrict {ls}  len {r['length']:.1f}  "
               f"truncated {r['truncated']:.2f}  {r['tokens_per_s']:.0f} tok/s")
@@ -2791,10 +2791,15 @@ class Recorder:
             print("\n" + table + f"\n\nwrote {self.path}, {self.out / 'results.md'}, {self.out / 'curves.png'}")
 
 
+def shown(value, spec: str) -> str:
+    """A logged value as text: "-" for one that is undefined or was not measured (None)."""
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
     """A markdown table: columns are (key, header); floats with 3 decimals, "-" for an undefined metric."""
     def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else "-" if v is None else str(v)
+        return shown(v, ".3f") if v is None or isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]   # header, rule
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
