@@ -100,7 +100,7 @@ from tqdm.auto import tqdm  # noqa: E402
 # ======================================================================================================
 # 1. The toy task
 # ======================================================================================================
-# The tiny model's task must be verifiable, have responses of 20-60 tokens, and make large blocks genuinely hard
+# The tiny model's task must be verifiable, have short responses (21 tokens), and make large blocks genuinely hard
 # for a model trained at B=4. A problem is four groups of five characters:
 #     question "?604??764??593??242?="      one valid answer "62712852137869580103"
 # In each group of the answer, the first digit is free (any digit), the next three are the question's digits
@@ -212,8 +212,8 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
 #         ass      2^s positions at step s, the rest at the last step (below).
 #     Example, dynamic, tau = 0.9, a block of 4 with K = 4 (quota 1 a step): confidences 0.95 0.40 0.92 0.10
 #     commit the first and the third position at once; 0.85 0.40 0.60 0.10 commit the first alone. The
-#     step map records the step of each commit: a block decoded left to right reads 1 2 3 4, a block decoded
-#     in one step 1 1 1 1 (TPF 4).
+#     step map records the row's step of each commit: a block decoded left to right reads s s+1 s+2 s+3, a
+#     block decoded in one step s s s s (TPF 4).
 #   * A finished block's keys and values must be cached, clean. SDAR spends one extra forward on that;
 #     here the first step of the next block carries it: its queries are [finished block, clean | new
 #     block, all masks], and under the block mask (section 2) the clean half sees exactly what a separate
@@ -308,8 +308,8 @@ def propose(logits, temperature: float, top_k: int, top_p: float, generator=None
 def choose_commits(todo, conf, quota, remasking: str, threshold: float):
     """Which masked positions a step commits. todo: (n, B) still masked; conf: (M,) the confidence of
     each masked position (row-major over todo); quota: (n,) the step's n_s. Returns (n, B) bool:
-    static the n_s most confident; dynamic every position with conf > tau, or the n_s most confident
-    if fewer pass (ties broken by position)."""
+    static (and ass, with its own quotas) the n_s most confident; dynamic every position with conf > tau, or
+    the n_s most confident if fewer pass (ties broken by position)."""
     score = torch.full(todo.shape, float("-inf"), device=todo.device)
     score[todo] = conf                                                        # (n, B)
     n_commit = quota
@@ -317,8 +317,8 @@ def choose_commits(todo, conf, quota, remasking: str, threshold: float):
         n_commit = torch.maximum(n_commit, (score > threshold).sum(1))
     n_commit = torch.minimum(n_commit, todo.sum(1))
     order = score.sort(dim=1, descending=True, stable=True).indices          # (n, B) most confident first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(todo.shape[1], device=todo.device).expand_as(order))
-    return todo & (rank < n_commit[:, None])                                  # rank: 0 = the most confident
+    rank = order.argsort(dim=1)                                               # (n, B) 0 = the most confident
+    return todo & (rank < n_commit[:, None])
 
 
 def eoser_factor(s: int, n_steps: torch.Tensor, g_min: float, g_max: float) -> torch.Tensor:
@@ -431,8 +431,9 @@ def diffusion_layout(prompt, response, masked, block_size: int, offset: int, mas
     Returns ids, pos, noisy (R, T) and col (L,), the column of response token i's noisy copy."""
     P, L, R = len(prompt), len(response), masked.shape[0]
     b0 = block_start(P, block_size, offset)
-    clean = torch.cat([prompt, response, prompt[b0:]])                           # (P + L + P - b0,)
-    ids = torch.cat([clean.expand(R, -1), torch.where(masked, mask_id, response)], 1)   # (R, T)
+    # every copy: the clean sequence, then the noisy copy's prompt tail (P - b0 tokens) and noisy response
+    shared = torch.cat([prompt, response, prompt[b0:]])                          # (P + L + P - b0,)
+    ids = torch.cat([shared.expand(R, -1), torch.where(masked, mask_id, response)], 1)   # (R, T)
     pos = torch.cat([torch.arange(P + L), torch.arange(b0, P + L)]).to(prompt.device)
     noisy = torch.arange(len(pos), device=prompt.device) >= P + L
     col = P + L + (P - b0) + torch.arange(L, device=prompt.device)
@@ -446,15 +447,14 @@ def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_siz
     ids/pos/noisy/valid: (n, T); rows, cols, labels: (M,). Returns logp, values, entropy: (M,) or None."""
     mask = block_attention_mask(pos, noisy, pos, noisy, valid, block_size, offset)    # (n, 1, T, T)
     h = hidden_states(model, ids, pos, mask)[rows, cols]                                # (M, H)
-    logits = model.lm_head(h).float()                                                   # (M, V)
-    logp = -F.cross_entropy(logits, labels, reduction="none")                           # (M,)
+    logp_all = model.lm_head(h).float().log_softmax(-1)                                 # (M, V)
+    logp = logp_all.gather(1, labels[:, None]).squeeze(1)                               # (M,)
     values = ent = None
     if value_head is not None:                  # fp32: autocast would run the Linear in bf16 whatever its input
         with torch.autocast(h.device.type, enabled=False):
             values = value_head(h.detach().float()).squeeze(-1)
     if entropy:                                                                         # H = -sum_v p log p
-        logp_all = logits.detach().log_softmax(-1)
-        ent = -(logp_all.exp() * logp_all).sum(-1)
+        ent = -(logp_all.detach().exp() * logp_all.detach()).sum(-1)
     return logp, values, ent
 
 
@@ -462,8 +462,8 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
                          generator=None, eps: float = 1e-3):
     """SDAR's loss on a batch of (prompt, response) id tensors, blocks at offset 0.
 
-    Each response is padded with eos to the end of its last block (the pads are targets: the model learns
-    to finish a block with eos). Per sample t ~ U(0,1), p = (1 - eps) t + eps; every response token is
+    Each response is padded with pad_id (warm_start: eos) to the end of its last block (the pads are targets:
+    the model learns to finish a block with eos). Per sample t ~ U(0,1), p = (1 - eps) t + eps; every response token is
     masked with probability p (at least one). Loss = sum over masked tokens of CE / p, divided by the
     number of response tokens in the batch."""
     dev = prompts[0].device
@@ -633,7 +633,8 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 #     rho = exp(logp - logp_old)      L_i = -min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta (e^d - 1 - d),
 #     d = logp_old - logp.
 # Normalisation: TraceRL (gae) averages over all target tokens of the minibatch (not a padded length);
-# CJ-GRPO (group) averages within each trace round, then over the rounds of a sample, then over samples.
+# CJ-GRPO (group) averages within each trace round, then over the rounds of a sample, then over samples (a
+# minibatch holding some of a sample's rounds weighs it by that share).
 # Value loss: 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2), averaged over tokens.
 
 
@@ -696,8 +697,8 @@ def ppo_token_loss(logp, logp_old, adv, clip_eps: float, beta: float):
     """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,):
         rho = exp(logp - logp_old),  L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta (e^d - 1 - d),
         d = logp_old - logp.
-    Where the clipped term is the smaller one, the gradient is 0: a token already moved far enough (rho
-    beyond 1 + eps with A > 0, or below 1 - eps with A < 0) is not pushed further."""
+    Where the clipped term is the smaller one, the surrogate's gradient is 0: a token already moved far enough
+    (rho beyond 1 + eps with A > 0, or below 1 - eps with A < 0) is not pushed further (only the KL pulls it)."""
     ratio = torch.exp(logp - logp_old)
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     d = logp_old - logp
@@ -714,17 +715,17 @@ def clipped_value_loss(values, values_old, returns, clip_eps: float):
 def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
     """Weight of each target in the policy loss, before normalisation (section 6 header):
     gae: 1 per token (the loss is a mean over tokens); group: 1 / (tokens in its round) / (rounds of its
-    sample), so that each sample weighs 1, spread evenly over its rounds. The caller divides by the sum of
-    the weights over all processes, which makes the loss of N processes that of one on their union."""
+    sample), so that each sample weighs 1 in the whole batch, spread evenly over its rounds. The caller
+    divides by the sum of the weights over all processes, which makes the loss of N processes that of one on
+    their union."""
     M = len(tb.label)
     if mode == "gae":
         return torch.ones(M)
     key = tb.sample * (int(tb.round.max()) + 1 if M else 1) + tb.round
     _, inv, per_round = torch.unique(key, return_inverse=True, return_counts=True)
-    _, s_inv = torch.unique(tb.sample, return_inverse=True)
-    rounds_per_sample = torch.zeros(int(s_inv.max()) + 1 if M else 0).scatter_reduce(
-        0, s_inv, tb.round.float() + 1, reduce="amax")
-    return 1.0 / (per_round[inv].float() * rounds_per_sample[s_inv])
+    rounds = torch.zeros(int(tb.sample.max()) + 1 if M else 0).scatter_reduce(0, tb.sample, tb.round.float() + 1,
+                                                                              reduce="amax")   # per sample
+    return 1.0 / (per_round[inv].float() * rounds[tb.sample])
 
 
 def explained_variance(returns, values) -> float | None:
@@ -748,7 +749,7 @@ def new_value_head(model) -> torch.nn.Linear:
 # accuracy     mean reward over all samples;  pass@k  P(at least one of k samples right), unbiased
 # TPF          tokens per forward: sum of response tokens / sum of NFE (a ratio of sums over the batch)
 # LocalStrict  over adjacent response-token pairs (i, i+1) inside one block, the fraction decoded in
-#              left-to-right order, s_i <= s_{i+1} (1 = strictly left to right). T* (arXiv 2601.11214)
+#              left-to-right order, s_i <= s_{i+1} (1 = never right to left). T* (arXiv 2601.11214)
 #              reports LocalStrict without a formula; this is this file's definition. Example, B = 4, a
 #              prompt of 2, step map 1 2 | 3 3 5 4 | 6 6: of the in-block pairs (1,2) (3,3) (3,5) (5,4) (6,6)
 #              all but (5,4) are in order: LocalStrict 4/5.
@@ -769,7 +770,7 @@ def tokens_per_forward(tokens: float, nfe: float) -> float:
 
 def local_strict(step_maps: Sequence[Sequence[int]], prompt_lens: Sequence[int], block_size: int,
                  offset: int = 0) -> tuple[int, int]:
-    """(ordered, pairs): the adjacent response-token pairs inside one block, and those with s_i <= s_{i+1}.
+    """(ordered, pairs): the adjacent response-token pairs inside one block with s_i <= s_{i+1}, and all of them.
     LocalStrict is ordered / pairs, summed over processes first."""
     ordered = pairs = 0
     for steps, P in zip(step_maps, prompt_lens):
@@ -809,8 +810,9 @@ def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: 
 #   4. advantages per target token (section 6);
 #   5. PPO: --minibatches optimizer steps on shuffled shares of the sequences (ppo_minibatches).
 # The Engine samples from the policy itself on one process in fp32 (the CPU default: the trainer then
-# recomputes the sampler's log-probs to ~1e-7), else from a copy of its weights in the compute dtype,
-# refreshed before every rollout: rollouts run at inference speed in bf16 while training keeps fp32 weights.
+# recomputes the sampler's log-probs up to rounding, a mean gap ~1e-8), else from a copy of its weights in the
+# compute dtype, refreshed before every rollout: rollouts run at inference speed in bf16 while training keeps
+# fp32 weights.
 
 
 @dataclass
@@ -834,11 +836,12 @@ def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward
                      block_size: int, offset: int, generator) -> Rollouts:
     """G samples per problem at the rollout temperature (1.0; dynamic remasking by default), and rewards."""
     G = cfg.group_size                           # G copies of each prompt: the group whose rewards are compared
-    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems for _ in range(G)]
+    problems = [p for p in problems for _ in range(G)]
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems]
     engine.refresh()                             # (the rollout copy: the policy's current weights)
     gens = engine.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
                            **sampler_kwargs(cfg, engine.model, tokenizer, block_size, rollout=True))
-    rewards = rewards_of(gens, [p for p in problems for _ in range(G)], tokenizer, reward_fn)     # (samples,)
+    rewards = rewards_of(gens, problems, tokenizer, reward_fn)                                   # (samples,)
     return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
 
 
@@ -853,7 +856,7 @@ def old_policy_scores(policy, value_head, tb: TraceBatch, cfg: Config, block_siz
     with autocast(cfg, dev):
         for tgt, logp, values, ent in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id,
                                                       entropy=True):
-            logp_old[tgt], entropy[tgt] = logp.float().cpu(), ent.cpu()
+            logp_old[tgt], entropy[tgt] = logp.cpu(), ent.cpu()
             if values is not None:
                 v_old[tgt] = values.cpu()
     return logp_old, v_old if value_head is not None else None, entropy
@@ -875,25 +878,24 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, ad
         mb = mb.tolist()
         tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb] or
                             [torch.zeros(0, dtype=torch.long)])
-        norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)              # over all processes
-        n_tok = max(dist_sum(len(tgt_all)), 1)
+        norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)   # over all processes (gae: the targets)
         chunks = as_many_everywhere(micro_batches(tb, mb, cfg.micro_batch, policy.config.vocab_size))
         with autocast(cfg, dev):
             for tgt, logp, values, _ in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id):
-                per_tok, ratio, kl = ppo_token_loss(logp.float(), logp_old[tgt].to(dev), adv[tgt].to(dev),
+                per_tok, ratio, kl = ppo_token_loss(logp, logp_old[tgt].to(dev), adv[tgt].to(dev),
                                                     cfg.clip_eps, cfg.beta)
                 loss = (per_tok * weights[tgt].to(dev)).sum() / norm
                 plosses.append(loss.item())
                 if value_head is not None:
                     vl = clipped_value_loss(values, v_old[tgt].to(dev), ret[tgt].to(dev), cfg.clip_eps)
-                    loss = loss + vl.sum() / n_tok
+                    loss = loss + vl.sum() / norm            # (a value head: gae, a mean over targets)
                     vlosses.append(vl.detach().cpu())
                 (loss * n_proc).backward()
                 clipped.append(((ratio - 1).abs() > cfg.clip_eps).detach().cpu())
                 kls.append(kl.detach().cpu())
         norms.append(clip_grad_norm(policy, cfg.grad_clip))          # (the norm before clipping)
         opt.step()
-        opt.zero_grad(set_to_none=True)          # free the gradients before the next rollouts
+        opt.zero_grad(set_to_none=True)          # (freed: none carry over to the next minibatch or rollouts)
     return dict(clipfrac=global_mean(torch.cat(clipped)), kl=global_mean(torch.cat(kls)),
                 policy_loss=dist_sum(sum(plosses)) / cfg.minibatches, grad_norm=float(np.mean(norms)),
                 value_loss=global_mean(torch.cat(vlosses)) if vlosses else None)
@@ -922,7 +924,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
         return stats
 
     # 3. old log-probs and values: the pre-update weights, the same layout. The trajectory gap |log p_old -
-    #    log p_sampler| per target is ~1e-7 when the policy samples itself (fp32), a rounding error with a
+    #    log p_sampler| per target is ~1e-8 when the policy samples itself (fp32), a rounding error with a
     #    bf16 rollout copy: its mean, the share above 0.1 and its largest value are logged.
     logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, cfg, B, offset, pad_id)
     gap = (logp_old - tb.sampler_logp).abs()
@@ -981,20 +983,17 @@ def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction:
                direct: bool = False) -> list[tuple[int, list[int]]]:
     """[(B, [offset of each RL step])] per stage: the shifted steps (offset B/2) spread evenly, e.g.
     stage_plan([4, 8], 4, 0.5) = [(4, [0, 2, 0, 2]), (8, [0, 4, 0, 4])]."""
-    plan = []
-    for B in block_sizes:
-        B = block_sizes[-1] if direct else B
-        offsets = [B // 2 if math.floor((k + 1) * shift_fraction) > math.floor(k * shift_fraction) else 0
-                   for k in range(steps_per_stage)]
-        plan.append((B, offsets))
-    return plan
+    shifted = [math.floor((k + 1) * shift_fraction) > math.floor(k * shift_fraction) for k in range(steps_per_stage)]
+    sizes = [block_sizes[-1]] * len(block_sizes) if direct else block_sizes     # direct: every stage at the last B
+    return [(B, [B // 2 if s else 0 for s in shifted]) for B in sizes]
 
 
 def seed_for(seed: int, stage: int = 0, step: int = 0, rank: int = 0) -> int:
     """The seed of one torch random stream of a run: the rollouts of RL step `step` of stage `stage` on process
     `rank`, and evaluation (the stage after the last). 10,007 and 101 are primes and the processes lie
     1,000,000,007 apart, so two of a run's streams share a seed only if their steps differ by a multiple of
-    10,007. The warm start and the initial weights use seed_for(seed) (for masks and weights, not samples). A
+    10,007. The warm start and the initial weights use seed_for(seed), the first rollouts' seed (for masks and
+    weights, not samples). A
     step's problems are drawn with Python's random from "seed-stage-step", the same on every process."""
     return seed * 1_000_003 + stage * 10_007 + step * 101 + rank * 1_000_000_007
 
@@ -1037,23 +1036,23 @@ def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_probl
 # stage's block size is drawn (the paper's Figure 4).
 
 
-@torch.no_grad()
 def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config, block_size: int):
     """Metrics of one evaluation set at one block size (offset 0), over all processes. Returns the
     metrics dict and this process's generations (for pictures of the decoding order)."""
     rank, size = world()
     mine = list(problems)[rank::size]                                     # every N-th problem per process
     n = cfg.eval_samples
-    prompts = [encode_prompt(tokenizer, p["question"]) for p in mine for _ in range(n)]
+    mine = [p for p in mine for _ in range(n)]                             # n samples of each problem
+    prompts = [encode_prompt(tokenizer, p["question"]) for p in mine]
     seed = seed_for(cfg.seed, len(cfg.curriculum), block_size, rank)     # (the same for every stage)
     t0 = time.time()
     gens = engine.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
                            generator=torch.Generator(engine.device).manual_seed(seed),
                            **sampler_kwargs(cfg, engine.model, tokenizer, block_size))
     seconds = dist_sum(time.time() - t0) / size                           # the processes ran side by side
-    rewards = rewards_of(gens, [p for p in mine for _ in range(n)], tokenizer, reward_fn).numpy().reshape(-1, n)
+    rewards = rewards_of(gens, mine, tokenizer, reward_fn).numpy().reshape(-1, n)
     metrics = rollout_stats(gens, rewards, block_size)
-    n_problems = dist_sum(len(mine))            # pass@n: per problem from its n samples, then the mean
+    n_problems = dist_sum(len(mine) // n)       # pass@n: per problem from its n samples, then the mean
     metrics.update({f"pass@{n}": dist_sum(sum(pass_at_k(n, int(c), n) for c in rewards.sum(1))) / max(1, n_problems),
                     "tokens_per_s": metrics["length"] * dist_sum(len(gens)) / max(1e-9, seconds),
                     "problems": int(n_problems)})
@@ -1082,13 +1081,10 @@ def evaluate_stage(engine: Engine, tokenizer, eval_sets, reward_fn, cfg: Config,
 # ======================================================================================================
 # 11. Config and the command line
 # ======================================================================================================
-# One dataclass holds every setting; the command line is generated from it (each field's docstring is its
-# --help text, each "# --- name ---" comment above a run of fields its group: the docstrings read best beside
-# the fields, as cleanrl's Args do, where transformers' HfArgumentParser would want each in a field(metadata=)).
-# Defaults are the tiny CPU run. When --model is a real checkpoint, SDAR_PRESET switches the defaults to the
-# paper's setting; any flag given on the command line wins. finalize_config applies the preset, parses the
-# comma-separated lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and checks every value, so a bad flag
-# is one line of error before any work starts.
+# One dataclass holds every setting, and the command line is generated from it: each field's docstring is its
+# --help text, each "# --- name ---" comment its group (cleanrl's Args style). Defaults are the tiny CPU run;
+# with a checkpoint as --model, SDAR_PRESET's values replace them, and any flag given wins. finalize_config
+# checks every value, so a bad flag is one line of error before any work starts.
 
 
 class UsageError(Exception):
@@ -1220,12 +1216,9 @@ class Config:
     """evaluation sets, comma-separated: toy, dataset names or local files"""
 
     # --- derived by finalize_config (not flags): the values above parsed once ---
-    curriculum: tuple = ()
-    """--block-sizes as integers"""
-    eval_sizes: tuple = ()
-    """--eval-block-sizes (default: the curriculum's) as integers"""
-    band: tuple = (0.0, 1.0)
-    """--acc-band as (low, high)"""
+    curriculum: tuple = ()              # --block-sizes as integers
+    eval_sizes: tuple = ()              # --eval-block-sizes (default: the curriculum's) as integers
+    band: tuple = (0.0, 1.0)            # --acc-band as (low, high)
 
 
 CHOICES = {"remasking": ("static", "dynamic", "ass"), "advantage": ("gae", "group"),
@@ -2105,7 +2098,7 @@ def fuse_rms_norms(model) -> None:
 class Engine:
     """What rollouts and evaluation sample from (nanochat's name for it): the policy itself when its weights are
     already in the compute dtype on one process (the CPU default: the trainer then recomputes the sampler's log-
-    probs exactly), else a copy in the compute dtype (bf16 on CUDA; always under FSDP), refreshed before every
+    probs up to rounding), else a copy in the compute dtype (bf16 on CUDA; always under FSDP), refreshed before every
     rollout and evaluation (one gather per RL step). Rows are decoded `rows` at a time (--rollout-batch) through
     one Decoder per call; with keep=True (graphs, where the memory plan allows) one Decoder for the whole run,
     so each CUDA graph is captured once, with a power-of-two row capacity that compaction halves."""
@@ -2142,9 +2135,7 @@ class Engine:
 
     def generate(self, prompts, *, rows: int | None = None, desc: str = "", **kwargs) -> list[Generation]:
         """generate() over all prompts, `rows` at a time (default --rollout-batch), with one Decoder sized for
-        the longest. Torch's deterministic-algorithms switch (on for CUDA runs) is off meanwhile: the
-        sampler's ops are deterministic as written, and the switch would swap in sort-based kernels for its
-        in-place writes (index_copy_, scatter_) that gain nothing here."""
+        the longest; torch's deterministic-algorithms switch is off meanwhile (see deterministic)."""
         if not prompts:
             return []
         check_fits(max(map(len, prompts)), kwargs["max_new_tokens"], self.model.config.max_position_embeddings,
@@ -2343,8 +2334,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
 # whose fp32 weights, gradients and AdamW state are split over the processes and gathered per unit for each
 # forward; gradients are reduce-scattered. The value head is a unit of its own. Every process must run the
 # same number of forwards (as_many_everywhere, idle_forward). Metrics are summed over processes (dist_sum);
-# only rank 0 prints, logs and saves. On CUDA, deterministic algorithms (and cuBLAS's workspace setting, made
-# at import) make --resume reproduce an uninterrupted run.
+# only rank 0 prints, logs and saves.
 
 
 def resolve_device(name: str) -> torch.device:
@@ -2510,15 +2500,10 @@ def idle_forward(model, value_head, pad_id: int, entropy: bool):
 # ======================================================================================================
 # 17. Checkpoints and the out dir: one run at a time, nothing lost
 # ======================================================================================================
-# A checkpoint is a save_pretrained directory of the whole fp32 weights (FSDP shards are gathered first) plus
-# the tokenizer, value_head.safetensors, and tstar.json, which says what it is: the task, the stage, the
-# curriculum and the whole config (--resume compares it with the current one). It is written into a hidden
-# temporary directory and renamed into place, so a stage directory is whole or absent. A run holds an OS lock
-# on out/tstar.lock while it lasts; a second run into the same out dir stops with one line. A fresh training run
-# refuses an out dir that holds stage checkpoints (they would be taken for its own), the tiny model's warm start
-# is reused only if made with the same settings and never replaced, and --resume takes the last finished stage
-# only if it was trained with the same settings (RESUME_MAY_DIFFER lists those that may change). A file tstar
-# wrote that it cannot read back is one line of error naming it (read_json).
+# A checkpoint is a save_pretrained directory of the whole fp32 weights plus the tokenizer, the value head and
+# tstar.json (the task, the stage, the curriculum and the whole config), whole or absent (save_checkpoint). One
+# run at a time holds an out dir (claimed_out_dir); a warm start is reused only if made with the same settings
+# (warm_started), a finished stage only with --resume and the same settings (stages_done).
 
 
 def read_json(path: Path, fix: str):
