@@ -972,6 +972,18 @@ def test_an_interrupted_warm_start_advises_running_the_command_again(tmp_path, c
     assert "no stage was finished; run the same command again" in err and "--resume" not in err
 
 
+def test_a_stage_checkpoint_without_its_value_head_is_a_clear_error(tmp_path, tiny):
+    """--resume would otherwise go on with a fresh value head, silently."""
+    from safetensors.torch import save_file
+    model = tiny[0]
+    with pytest.raises(tstar.UsageError, match="value_head.safetensors is missing: delete"):
+        tstar.load_value_head(model, tmp_path)
+    head = tstar.new_value_head(model)
+    torch.nn.init.normal_(head.weight)
+    save_file(head.state_dict(), str(tmp_path / "value_head.safetensors"))
+    assert torch.equal(tstar.load_value_head(model, tmp_path).weight, head.weight)
+
+
 def test_resume_without_a_finished_stage_is_a_clear_error(tmp_path, capsys):
     assert tstar.main(["--resume", "--out-dir", str(tmp_path)]) == 2
     assert "no finished stage" in capsys.readouterr().err

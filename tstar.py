@@ -68,6 +68,7 @@ import numpy as np
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS (read at CUDA start)
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -488,8 +489,8 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
 
 
 def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
-    """Block-diffusion SFT of a freshly initialised model on the toy train split, at cfg.base_block_size.
-    Stands in for SDAR's "AR-initialised small-block model". Returns the loss of every step."""
+    """Block-diffusion SFT of a freshly initialised model on the toy train split, at cfg.base_block_size
+    (SDAR's loss, see above). Returns the loss of every step."""
     B = cfg.base_block_size
     prompts = [torch.tensor(tokenizer.encode(q), dtype=torch.long, device=device) for q in problems["question"]]
     answers = [torch.tensor(tokenizer.encode(a) + [tokenizer.eos_token_id], device=device)
@@ -571,6 +572,11 @@ class TraceBatch:
     round: torch.Tensor          # (M,) trace round (0-based)
     step: torch.Tensor           # (M,) denoising step at which the sampler committed the target
     sampler_logp: torch.Tensor   # (M,) log-prob the sampler saw
+
+    def targets(self, seqs: Sequence[int]) -> torch.Tensor:
+        """The indices in the flat arrays of the targets of the sequences `seqs`."""
+        return torch.cat([torch.arange(int(self.ptr[k]), int(self.ptr[k + 1])) for k in seqs] or
+                         [torch.zeros(0, dtype=torch.long)])
 
 
 def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int], block_size: int, offset: int,
@@ -876,9 +882,7 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, ad
     # target tokens), backward (gradients accumulate), then one clipped optimizer step
     for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches):
         mb = mb.tolist()
-        tgt_all = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in mb] or
-                            [torch.zeros(0, dtype=torch.long)])
-        norm = max(dist_sum(weights[tgt_all].sum().item()), 1e-12)   # over all processes (gae: the targets)
+        norm = max(dist_sum(weights[tb.targets(mb)].sum().item()), 1e-12)   # over all processes (gae: the targets)
         chunks = as_many_everywhere(micro_batches(tb, mb, cfg.micro_batch, policy.config.vocab_size))
         with autocast(cfg, dev):
             for tgt, logp, values, _ in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id):
@@ -1002,8 +1006,7 @@ def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_probl
           rec: Recorder, done: int = 0) -> None:
     """The T* loop: stages of TraceRL at growing block sizes, an evaluation and a checkpoint after each;
     `done` stages were finished by an earlier run (--resume). Each stage has a fresh AdamW (the policy at
-    --lr, the value head at --value-lr), and every process draws the same problems for a step, then takes
-    every N-th of them; the weights and the value head carry over from stage to stage."""
+    --lr, the value head at --value-lr); the weights and the value head carry over from stage to stage."""
     plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
     if done == 0:
         evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, 0, plan[0][0], 0)
@@ -1083,8 +1086,8 @@ def evaluate_stage(engine: Engine, tokenizer, eval_sets, reward_fn, cfg: Config,
 # ======================================================================================================
 # One dataclass holds every setting, and the command line is generated from it: each field's docstring is its
 # --help text, each "# --- name ---" comment its group (cleanrl's Args style). Defaults are the tiny CPU run;
-# with a checkpoint as --model, SDAR_PRESET's values replace them, and any flag given wins. finalize_config
-# checks every value, so a bad flag is one line of error before any work starts.
+# with a checkpoint as --model (not the toy's), SDAR_PRESET's values replace them, and any flag given wins.
+# finalize_config checks every value, so a bad flag is one line of error before any work starts.
 
 
 class UsageError(Exception):
@@ -1131,8 +1134,8 @@ class Config:
     eoser_gamma_max: float = 1.0
     """EOSER's factor at a block's last step"""
     rollout_batch: int | None = None
-    """rows per sampler call, for RL rollouts and evaluation (default: as many as fit in free GPU memory,
-    from the KV cache's bytes per row; 256 on the CPU)"""
+    """rows per sampler call, for RL rollouts and evaluation (default: as many as fit in 90% of the free GPU
+    memory, by each row's KV cache and block logits, at most 1024; 256 on the CPU)"""
     compile: bool = False
     """run the sampler's forward passes as captured CUDA graphs (CUDA only; the advice on a GPU)"""
 
@@ -1162,7 +1165,7 @@ class Config:
     eval_batch: int | None = None
     """rows per sampler call during evaluation (default: --rollout-batch)"""
     show_trajectory: bool = False
-    """print the decoding order of a few evaluation samples after each evaluation"""
+    """print the decoding order of two evaluation samples at each stage's block size (every B with --eval-only)"""
 
     # --- T* curriculum and TraceRL ---
     block_sizes: str = "4,8,16,32"
@@ -1226,8 +1229,7 @@ CHOICES = {"remasking": ("static", "dynamic", "ass"), "advantage": ("gae", "grou
 DERIVED = ("curriculum", "eval_sizes", "band")          # set by finalize_config, not flags
 
 
-# The paper's setting (TraceRL arXiv 2509.06949, T* arXiv 2601.11214), switched on when --model is a
-# checkpoint. Every value can still be overridden on the command line.
+# The paper's setting (TraceRL arXiv 2509.06949, T* arXiv 2601.11214), for a --model that is not the toy's.
 SDAR_PRESET = dict(
     out_dir="runs/sdar", train_dataset="math", eval_datasets="math500", block_sizes="4,8,16,32",
     steps_per_stage=100, prompts_per_step=64, group_size=16, rollout_temperature=1.0, temperature=1.0,
@@ -1252,19 +1254,19 @@ def build_parser():
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
     sections, section = {}, ""
     for line in source.splitlines():
+        name = line.strip().split(":")[0]
         if line.strip().startswith("# ---"):
             section = line.strip().strip("# -")
-        elif ":" in line and line.strip().split(":")[0] in docs:
-            sections[line.strip().split(":")[0]] = section
+        elif name in docs:
+            sections[name] = section
     parser = Parser(prog="tstar.py", description=__doc__.split("\n\n")[0],
-                    epilog="Defaults are the tiny CPU run; with a checkpoint as --model the paper's setting "
-                           "(SDAR_PRESET) replaces them, and any flag given wins.")
-    groups = {}
+                    epilog="Defaults are the tiny CPU run; with a checkpoint (not the toy's) as --model the "
+                           "paper's setting (SDAR_PRESET) replaces them, and any flag given wins.")
+    groups = {s: parser.add_argument_group(s) for s in dict.fromkeys(sections.values())}
     for f in dataclasses.fields(Config):
         if f.name in DERIVED:
             continue
-        group = groups.get(sections[f.name]) or groups.setdefault(sections[f.name],
-                                                                  parser.add_argument_group(sections[f.name]))
+        group = groups[sections[f.name]]
         flag, doc = "--" + f.name.replace("_", "-"), docs[f.name].replace("%", "%%")      # (argparse formats it)
         if f.type == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc)
@@ -1282,7 +1284,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, set[str]]:
     return Config(**given), set(given)
 
 
-# the range of every numeric flag: (lowest, highest, whether the lowest itself is allowed); None = no bound
+# the range of every numeric flag: (lowest, highest or None, whether the lowest itself is allowed)
 RANGES = dict(
     base_block_size=(1, None, True), steps_per_block=(1, None, True), threshold=(0, 1, True),
     temperature=(0, None, True), rollout_temperature=(0, None, True), top_k=(0, None, True), top_p=(0, 1, False),
@@ -1298,8 +1300,8 @@ RANGES = dict(
 
 
 def finalize_config(cfg: Config, given: set[str]) -> Config:
-    """Apply the preset for checkpoints, parse the lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and
-    check every setting: one clear error for the first bad one, before any work starts."""
+    """Apply the preset (not to the toy), parse the lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and
+    check every setting: one clear error for the first bad one."""
     if not cfg.model.strip():
         raise UsageError("--model is empty: give a config JSON, a checkpoint directory or a hub id")
     if not is_toy_model(cfg.model):
@@ -1309,7 +1311,7 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
         if f.type == "float" and not math.isfinite(value):
             raise UsageError(f"{name} must be a finite number, got {value}")
         low, high, closed = RANGES.get(f.name, (None, None, True))
-        if value is not None and low is not None and (value < low or value == low and not closed or
+        if low is not None and value is not None and (value < low or value == low and not closed or
                                                       high is not None and value > high):
             if high is None:
                 raise UsageError(f"{name} must be {'>=' if closed else '>'} {low}, got {value}")
@@ -1352,8 +1354,7 @@ def parse_band(text: str) -> tuple[float, float]:
     return low, high
 
 
-def check_fits(prompt_len: int, max_new_tokens: int, max_positions: int, block_size: int = 1,
-               offset: int = 0) -> None:
+def check_fits(prompt_len: int, max_new_tokens: int, max_positions: int, block_size: int, offset: int) -> None:
     """A prompt plus its longest response, rounded up to the end of its last block (the sampler decodes
     that block whole), must fit the model's positions."""
     last = prompt_len + max_new_tokens - 1
@@ -1376,14 +1377,14 @@ def check_block_size(B: int, K: int | None, max_positions: int) -> None:
 # 12. Models and tokenizers
 # ======================================================================================================
 # Every model is transformers' own Qwen3ForCausalLM. SDAR checkpoints (SDAR, arXiv 2510.06303) are Qwen3
-# weights trained for block diffusion, with Qwen3's weight names: their config says model_type "sdar" and points
-# at remote code (which needs flash-attn and an old transformers); we read the config as a dict, drop the keys
-# that name the remote classes, and build a Qwen3Config from the rest. There is no logit shift: the hidden state
-# at position i predicts the token at position i. The token ids come from the tokenizer, none is hard-coded:
-# SDAR's mask token is <|MASK|> (151669), <|endoftext|> (151643) is both eos and pad, and its generation config
-# adds <|im_end|> (151645), which ends a chat turn, as a stop id. The tiny model uses a character tokenizer with
-# the same interface. Compute runs in bf16 on CUDA (autocast over fp32 master weights when training) and fp32 on
-# the CPU: chosen in compute_dtype, one place.
+# weights trained for block diffusion, with Qwen3's weight names: their config says model_type "sdar" and
+# points at remote code (which needs flash-attn and an old transformers); we read the config as a dict, drop
+# the keys that name the remote classes and versions, and build a Qwen3Config from the rest. There is no logit
+# shift: the hidden state at position i predicts the token at position i. The token ids come from the
+# tokenizer, none is hard-coded: SDAR's mask token is <|MASK|> (151669), <|endoftext|> (151643) is both eos
+# and pad, and its generation config adds <|im_end|> (151645), which ends a chat turn, as a stop id. The tiny
+# model uses a character tokenizer with the same interface. Compute runs in bf16 on CUDA (autocast over fp32
+# master weights when training) and fp32 on the CPU: chosen in compute_dtype, one place.
 
 
 _DROP_KEYS = ("model_type", "auto_map", "architectures", "transformers_version", "torch_dtype", "dtype")
@@ -1443,22 +1444,20 @@ def is_toy_model(model: str) -> bool:
 def block_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The attention of every model tstar loads: PyTorch's scaled_dot_product_attention, registered with
     transformers as "tstar_sdpa". It differs from transformers' "sdpa" in one case, the sampler's: a few
-    queries against a long cache, with grouped-query attention (Qwen3: 2 query heads per key/value head)
+    queries against a long cache, with grouped-query attention (SDAR-1.7B: 2 query heads per key/value head)
     and a mask. transformers then copies every key and value G times (repeat_kv) in every layer at every
     step, more memory traffic than the attention itself. Here the G query heads that share a key/value
     head become G x q queries of that head instead:
         query (n, H, q, d) -> (n, H/G, G q, d),  mask (n, 1, q, k) -> (n, 1, G q, k)
-    which is the same attention without the copy. Everything else (training, prefill: as many queries as
-    keys) takes transformers' own path unchanged."""
+    which is the same attention without the copy; the Decoder hands every layer its mask folded so (fold_mask).
+    Everything else (training, prefill, any mask not folded) takes transformers' own path unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     G = getattr(module, "num_key_value_groups", 1)
     n, H, q, d = query.shape
     mask = attention_mask
-    if mask is None or G == 1 or mask.shape[2] != G * q:             # not folded by the sampler already
-        if mask is None or G == 1 or q >= key.shape[2]:
-            return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-        mask = fold_mask(mask, G, query.dtype)
+    if mask is None or G == 1 or mask.shape[2] != G * q:             # not folded by the sampler (Decoder)
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     out = F.scaled_dot_product_attention(query.reshape(n, H // G, G * q, d), key, value, attn_mask=mask,
                                          dropout_p=dropout, scale=scaling)               # (n, H/G, G q, d)
     return out.reshape(n, H, q, d).transpose(1, 2).contiguous(), None                    # (n, q, H, d)
@@ -1466,8 +1465,7 @@ def block_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
 def fold_mask(mask, G: int, dtype):
     """A (n, 1, q, k) boolean mask as block_sdpa's (n, 1, G q, k) additive one (0 = may attend, -inf not).
-    The sampler makes it once per block and hands it to every layer."""
-    n, _, q, k = mask.shape
+    The sampler makes it once per block and query span, and hands it to every layer."""
     return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf")).repeat(1, 1, G, 1)
 
 
@@ -1489,13 +1487,13 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
 
     transformers.logging.set_verbosity_error()     # "model of type sdar ..." is expected, not news
     transformers.utils.logging.disable_progress_bar()
+    path = Path(model)
     if is_architecture_file(model):
-        path = Path(model)
         if not path.is_file():
             raise UsageError(f"no such config file: {model}")
         try:
             config = qwen3_config(json.loads(path.read_text()), model)
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
+        except (TypeError, ValueError) as e:          # (a JSONDecodeError is a ValueError)
             raise UsageError(f"{model} is not a valid model config: {e}") from None
         config._attn_implementation = register_attention()
         tokenizer = char_tokenizer()
@@ -1503,7 +1501,6 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
             raise UsageError(f"{model}: vocab_size {config.vocab_size} < {len(tokenizer)} tokens of the tokenizer")
         net = cast_weights(Qwen3ForCausalLM(config), dtype)
     else:
-        path = Path(model)
         if path.is_dir() and ((path / ".metadata").is_file() or any(path.glob("*.distcp"))):
             raise UsageError(f"{model} is a sharded torch.distributed.checkpoint directory; tstar loads "
                              f"save_pretrained directories (its own stage checkpoints are whole: stageN-B*/)")
@@ -1515,7 +1512,7 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise UsageError(f"{path / 'config.json'} is not valid JSON ({e})") from None
         looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
-        if not Path(model).exists() and looks_local:
+        if not path.exists() and looks_local:
             raise UsageError(f"no such model directory: {model}")
         try:
             config_dict, _ = PretrainedConfig.get_config_dict(model)
@@ -1595,9 +1592,8 @@ def autocast(cfg: Config, device: torch.device):
 # ======================================================================================================
 # 13. Data: the toy's splits, math datasets and grading
 # ======================================================================================================
-# name -> (hub id, config, split, question field, answer field). Local JSON/JSONL/Parquet files work too; their
-# fields are found among LOCAL_FIELDS. The reward is 1 if the last \boxed{} of a response is equivalent to
-# the gold answer: both are normalised (normalize_answer) and compared by math-verify.
+# Problems come from the toy (section 1), a dataset on the hub (DATASETS) or a local JSON/JSONL/Parquet file;
+# the toy is graded by its rules, everything else as math (grade: the last \boxed{} against the gold answer).
 
 
 def toy_splits(train_size: int, test_size: int, seed: int):
@@ -1619,7 +1615,7 @@ def toy_splits(train_size: int, test_size: int, seed: int):
     return DatasetDict(train=Dataset.from_list(train), test=Dataset.from_list(test))
 
 
-DATASETS = {
+DATASETS = {            # name -> (hub id, config, split, question field, answer field)
     "math": ("DigitalLearningGmbH/MATH-lighteval", "default", "train", "problem", "solution"),   # MATH train
     "math500": ("HuggingFaceH4/MATH-500", None, "test", "problem", "answer"),
     "gsm8k": ("openai/gsm8k", "main", "test", "question", "answer"),
@@ -1627,7 +1623,7 @@ DATASETS = {
 }
 
 
-LOCAL_FIELDS = (("question", "answer"), ("problem", "answer"), ("problem", "solution"))
+LOCAL_FIELDS = (("question", "answer"), ("problem", "answer"), ("problem", "solution"))   # a local file's fields
 
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -1731,7 +1727,8 @@ _GRADER = None
 def grade(response: str, gold: str, timeout: int = 8) -> float:
     """1.0 if the last \\boxed{} of the response is equivalent to the gold answer, else 0.0 (also when there
     is no boxed answer). Both are normalised (normalize_answer), then compared by math-verify (fractions,
-    LaTeX forms, intervals, sets, units...). One call takes at most `timeout` seconds in any thread:
+    LaTeX forms, intervals, sets, units...). One call takes at most `timeout` seconds in any thread (plus a
+    worker's start):
     math-verify bounds its parses and comparison with SIGALRM, which only a main thread may set, so off the
     main thread the check runs in a worker process (a worker that overruns is replaced)."""
     import multiprocessing
@@ -1761,7 +1758,7 @@ def grade(response: str, gold: str, timeout: int = 8) -> float:
 
 
 def load_problems(name: str, limit: int = 0) -> list[dict]:
-    """Problems {question, answer} of a named dataset (DATASETS, from the hub) or a local file."""
+    """Problems {question, answer, task} of a named dataset (DATASETS, from the hub) or a local file."""
     import datasets
     from datasets import load_dataset
 
@@ -1787,10 +1784,10 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
             raise UsageError(f"dataset file {name} has no rows")
         fields = next((f for f in LOCAL_FIELDS if set(f) <= set(ds.column_names)), None)
         if fields is None:
-            missing = "question" if not {"question", "problem"} & set(ds.column_names) else "answer"
-            other = "problem" if missing == "question" else "solution"
-            raise UsageError(f"{name} has no {missing!r} field (nor {other!r}); "
-                             f"columns found: {', '.join(ds.column_names)}")
+            cols = set(ds.column_names)            # (a solution field pairs with problem only)
+            missing = ("'question' field (nor 'problem')" if not {"question", "problem"} & cols else
+                       "'answer' field" + (" (nor 'solution')" if "problem" in cols else ""))
+            raise UsageError(f"{name} has no {missing}; columns found: {', '.join(ds.column_names)}")
     elif name in DATASETS:                        # a name from the table above: the hub (or its cache)
         hub_id, config, split, *fields = DATASETS[name]
         try:
@@ -1816,7 +1813,7 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
 
 
 def load_task(cfg: Config):
-    """(train problems, {name: evaluation problems}, reward function); problems are dicts question/answer.
+    """(train problems, {name: evaluation problems}, reward function); problems are dicts question/answer/task.
     The toy is graded by its rules, everything else as math (grade)."""
     def problems(name: str, split: str, limit: int = 0) -> list[dict]:
         if name != "toy":
@@ -1846,13 +1843,10 @@ def load_task(cfg: Config):
 # ======================================================================================================
 # 14. The fast sampler: frames, an in-place KV cache, CUDA graphs, the rollout copy
 # ======================================================================================================
-# generate (section 3) lays a batch out in one padded frame and steps a Decoder through it. The KV cache
-# (KVCache) is allocated once for the frame and written in place: a step writes its block's keys and values
-# into the block's own slots, which the next step overwrites, until the block is final. Rows that have stopped
-# stay in the frame, masked out, until half of the rows have stopped; then the live rows are moved to the
-# front of the same buffers (Decoder.compact). With --compile every step shape is captured once as a CUDA
-# graph. The Engine is what rollouts and evaluation sample from: the policy, or a copy of its weights in the
-# compute dtype (bf16 on a GPU, whole on every process under FSDP), in batches of --rollout-batch rows.
+# generate (section 3) lays a batch out in one padded frame (Frame) and steps a Decoder through it: a KV cache
+# written in place (KVCache), finished rows moved out of the way (Decoder.compact), with --compile each step
+# shape captured once as a CUDA graph. The Engine is what rollouts and evaluation sample from: the policy, or a
+# copy of its weights in the compute dtype, --rollout-batch rows at a time.
 
 
 @dataclass
@@ -1974,12 +1968,11 @@ class Decoder:
         self.width = width = decoder_width(width, graphs)
         self.cache = KVCache(model.config, rows, width, p.dtype, p.device) if kv_cache else None
         self.captured: dict = {}
-        self.masks: dict = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def start(self, frame: Frame, block_size: int, offset: int) -> None:
         """Prefill: cache the clean keys and values of the prompts' whole blocks, columns [0, D), a few rows at a
-        time (at most PREFILL_TOKENS tokens per forward, so that its activations stay small)."""
+        time (at most PREFILL_TOKENS tokens per forward, or one row, so that its activations stay small)."""
         self.B, self.offset = block_size, offset
         self.masks = {}                               # (a mask depends on the batch's padding: never reuse one)
         n, D = frame.x.shape[0], frame.D
@@ -2000,11 +1993,9 @@ class Decoder:
         """Hidden states (n, B, H) of the noisy block xb at columns [c, c + B). With store_previous, the
         previous block (final, clean) rides along as extra queries, which writes its keys and values."""
         B = self.B
-        q0 = c - B if store_previous else c
-        if self.cache is None:                        # recompute: the queries are the whole prefix
-            q0 = 0
+        q0 = 0 if self.cache is None else c - B if store_previous else c     # (recompute: the whole prefix)
         ids = torch.cat([frame.x[:, q0:c], xb], 1)                                  # (n, c + B - q0)
-        kv = c + B if not self.graphs else min(self.width, KV_BUCKET * math.ceil((c + B) / KV_BUCKET))
+        kv = decoder_width(c + B, self.graphs)                                    # keys: all written slots
         mask, write_at = self.block_mask(frame, c, q0, kv)
         pos = frame.pos[:, q0: c + B]
         if self.cache is None:
@@ -2021,7 +2012,8 @@ class Decoder:
 
     def block_mask(self, frame: Frame, c: int, q0: int, kv: int):
         """The attention mask of queries [q0, c + B) over keys [0, kv), the new block noisy, and the slots the
-        queries write; the same for every step of a block, so made once (for the cache: folded, additive)."""
+        queries write; the same for every later step of a block, so made once per query span (for the cache:
+        folded, additive)."""
         key = (c, q0, kv, frame.x.shape[0])
         if key not in self.masks:
             B, dev = self.B, frame.x.device
@@ -2097,7 +2089,7 @@ def fuse_rms_norms(model) -> None:
 
 class Engine:
     """What rollouts and evaluation sample from (nanochat's name for it): the policy itself when its weights are
-    already in the compute dtype on one process (the CPU default: the trainer then recomputes the sampler's log-
+    already in the compute dtype and not sharded (the CPU default: the trainer then recomputes the sampler's log-
     probs up to rounding), else a copy in the compute dtype (bf16 on CUDA; always under FSDP), refreshed before every
     rollout and evaluation (one gather per RL step). Rows are decoded `rows` at a time (--rollout-batch) through
     one Decoder per call; with keep=True (graphs, where the memory plan allows) one Decoder for the whole run,
@@ -2218,7 +2210,7 @@ def score_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence
             yield (torch.zeros(0, dtype=torch.long), *idle_forward(model, value_head, pad_id, entropy))
             continue
         counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
-        tgt = torch.cat([torch.arange(int(tb.ptr[k]), int(tb.ptr[k + 1])) for k in chunk])
+        tgt = tb.targets(chunk)
         ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
                                           [tb.noisy[k] for k in chunk], pad_id)
         rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)
@@ -2288,8 +2280,8 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
     per_row = kv_row + B * config.vocab_size * propose_bytes_per_logit(cfg, item)
     state = (12 if training else item) * n_params / n_proc
     grads = 4 * n_params / n_proc if training else 0
-    acts = training_activation_bytes(cfg, config, cfg.micro_batch * (longest_prompt + 2 * (cfg.max_new_tokens + B))
-                                     ) if training else 0
+    tokens = cfg.micro_batch * (longest_prompt + 2 * (cfg.max_new_tokens + B))   # a micro-batch's, at most
+    acts = training_activation_bytes(cfg, config, tokens) if training else 0
     copy_bytes = n_params * item if copy else 0
     rows, keep, note = cfg.rollout_batch, graphs, ""
     free = free_memory(device) if free is None else free
@@ -2347,8 +2339,6 @@ def resolve_device(name: str) -> torch.device:
 
 def setup_device(cfg: Config) -> torch.device:
     """The device, and under torchrun the process group (process_group_backend): one GPU per process."""
-    import torch.distributed as dist
-
     device = resolve_device(cfg.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():   # started by torchrun
         if device.type == "cuda":                 # one GPU per process: LOCAL_RANK picks it
@@ -2385,7 +2375,6 @@ def process_group_backend(device: torch.device) -> str:
 
 def world() -> tuple[int, int]:
     """(rank, number of processes): (0, 1) without torchrun."""
-    import torch.distributed as dist
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -2395,7 +2384,6 @@ def is_main() -> bool:
 
 
 def dist_reduce(x: float, op: str) -> float:
-    import torch.distributed as dist
     if not dist.is_initialized():
         return x
     t = torch.tensor([float(x)], dtype=torch.float64)
@@ -2414,7 +2402,6 @@ def dist_max(x: float) -> float:
 
 
 def barrier() -> None:
-    import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
 
@@ -2458,7 +2445,6 @@ def check_in_sync(engine) -> list[float]:
     sum per parameter of every process's copy, computed on its device (cheap) and gathered; stops with a
     clear error if any differs. (FSDP's shards need no check: they are parts of one tensor by construction.)
     Returns each process's total, [] when not distributed."""
-    import torch.distributed as dist
     if not dist.is_initialized():
         return []
     mine = [float(p.detach().sum(dtype=torch.float64)).hex() for p in engine.model.parameters()]   # (NaN == NaN)
@@ -2501,7 +2487,7 @@ def idle_forward(model, value_head, pad_id: int, entropy: bool):
 # 17. Checkpoints and the out dir: one run at a time, nothing lost
 # ======================================================================================================
 # A checkpoint is a save_pretrained directory of the whole fp32 weights plus the tokenizer, the value head and
-# tstar.json (the task, the stage, the curriculum and the whole config), whole or absent (save_checkpoint). One
+# tstar.json (what it is: a stage's also holds the curriculum and the config), whole or absent (save_checkpoint). One
 # run at a time holds an out dir (claimed_out_dir); a warm start is reused only if made with the same settings
 # (warm_started), a finished stage only with --resume and the same settings (stages_done).
 
@@ -2540,9 +2526,10 @@ def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | 
 def load_value_head(model, path: Path) -> torch.nn.Linear:
     from safetensors.torch import load_file
 
-    head = new_value_head(model)
-    if (path / "value_head.safetensors").is_file():
-        head.load_state_dict(load_file(str(path / "value_head.safetensors")))
+    head, file = new_value_head(model), path / "value_head.safetensors"
+    if not file.is_file():                        # (save_checkpoint writes it before tstar.json: lost since)
+        raise UsageError(f"{file} is missing: delete {path}, and --resume trains that stage again")
+    head.load_state_dict(load_file(str(file)))
     return head
 
 
@@ -2649,9 +2636,9 @@ def stages_done(cfg: Config, out: Path) -> int:
     """How many stages an earlier run in `out` finished, for --resume (0 for a fresh run). A fresh training
     run refuses an out dir that holds stage checkpoints (they would be taken for its own); --resume takes
     the last finished stage only if it was trained with the same settings."""
-    finished = finished_stages(out)
     if cfg.eval_only:                             # (evaluation writes no checkpoints; any dir will do)
         return 0
+    finished = finished_stages(out)
     if not cfg.resume:                           # a fresh run: nothing of an earlier run may be mistaken for its own
         if finished:
             raise UsageError(f"{out} holds the checkpoints of an earlier run ({', '.join(p.name for p in finished)}): "
@@ -2678,13 +2665,12 @@ def stages_done(cfg: Config, out: Path) -> int:
 # ======================================================================================================
 # 18. Logs, tables and plots
 # ======================================================================================================
-# metrics.jsonl gets one strict-JSON line per RL step and per evaluation (null where a metric is undefined or
-# was not measured), appended as it is written; results.md the table of accuracy, TPF and LocalStrict per stage
-# and block size; curves.png the rollout accuracy and TPF per step; trajectory-*.png the decoding order.
+# What a run keeps (Recorder): metrics.jsonl, results.md (accuracy, TPF and LocalStrict per stage and block
+# size), curves.png (rollout accuracy and TPF per step) and trajectory-*.png (the decoding order).
 
 
 def json_text(obj, **kwargs) -> str:
-    """Strict JSON: NaN and infinities (e.g. LocalStrict of a batch without pairs) become null."""
+    """Strict JSON: NaN and infinities (a diverged loss, say) become null."""
     def clean(x):                                 # (json.dumps would write a bare NaN, which strict readers reject)
         if isinstance(x, float) and not math.isfinite(x):
             return None
@@ -2718,7 +2704,7 @@ class Recorder:
                                      ) from None
                 if record["stage"] < keep_stages_below:
                     self.records.append(record)
-        if is_main():                             # a fresh run starts the file anew
+        if is_main():                             # rewritten: the kept lines only (a fresh run: none)
             self.path.write_text("".join(json_text(r) + "\n" for r in self.records))
 
     def write(self, record: dict) -> None:
@@ -2823,14 +2809,19 @@ def render_trajectory(tokenizer, g: Generation, block_size: int) -> str:
     return "\n".join(lines)
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing to files only (no window)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_trajectories(gens: Sequence[Generation], block_size: int, path: Path, title: str) -> None:
     """Heatmap: one row per sample, one column per response token, colour = the row's denoising step at
     which the token was finalized (normalised by its NFE). Left-to-right decoding is a smooth ramp;
     parallel decoding shows flat runs. Block boundaries are drawn in white."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     width = max(g.n_tokens for g in gens)
     grid = np.full((len(gens), width), np.nan)                    # (samples, tokens); NaN (blank) past the end
     fig, ax = plt.subplots(figsize=(min(16, 2 + width / 6), 1 + 0.35 * len(gens)))
@@ -2839,7 +2830,6 @@ def plot_trajectories(gens: Sequence[Generation], block_size: int, path: Path, t
         blocks = response_blocks(g.prompt_len, g.n_tokens, block_size, g.offset)
         for i in ((blocks[1:] != blocks[:-1]).nonzero()[:, 0] + 1).tolist():     # each later block's first token
             ax.plot([i - 0.5, i - 0.5], [r - 0.5, r + 0.5], color="white", lw=1.5)
-    # early steps dark, late steps bright: left-to-right decoding is a ramp, parallel decoding flat runs
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("response token")
     ax.set_ylabel("sample")
@@ -2852,16 +2842,13 @@ def plot_trajectories(gens: Sequence[Generation], block_size: int, path: Path, t
 
 def plot_curves(records: Sequence[dict], path: Path) -> None:
     """Rollout accuracy and TPF against RL step, evaluation points at stage ends, stage boundaries."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [r for r in records if r["kind"] == "train"]
     # the evaluation at the stage's own block size: the number a stage is trained to raise
     evals = [r for r in records if r["kind"] == "eval" and r["block_size"] == r["stage_block_size"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))         # accuracy on the left, TPF on the right
     for ax, key, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "tpf", "tokens per forward")):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], ".-", lw=0.8, label="rollouts (T=1)")
+        ax.plot([r["step"] for r in train], [r[key] for r in train], ".-", lw=0.8, label="rollouts")
         ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o", label="evaluation at the stage's B")
         for r in train:                           # a grey line and a label where each stage begins
             if r["stage_step"] == 0:
@@ -2954,7 +2941,7 @@ def starting_point(cfg: Config, model, tokenizer, train_problems, device, out: P
 
 
 def evaluate_only(cfg: Config, engine: Engine, tokenizer, eval_sets, reward_fn, out: Path) -> None:
-    """--eval-only: the metrics of --model at every evaluation block size, as a table and eval.json."""
+    """--eval-only: the metrics of --model at every evaluation block size: eval.jsonl, a table, eval.json."""
     rec = Recorder(cfg, out, tokenizer, "eval.jsonl")
     evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, 0, cfg.base_block_size, 0)
     if is_main():
@@ -2979,15 +2966,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tstar: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                     # (the lock is released on the way out: claimed_out_dir)
-        done = cfg is not None and not cfg.eval_only and finished_stages(Path(cfg.out_dir))
-        print("\ninterrupted" + (": finished stages are saved; rerun with --resume to continue" if done else
-                                 "" if cfg is None or cfg.eval_only else
-                                 ": no stage was finished; run the same command again (a finished warm start is "
-                                 "reused)"), file=sys.stderr)
+        hint = ""
+        if cfg is not None and not cfg.eval_only:
+            hint = (": finished stages are saved; rerun with --resume to continue" if finished_stages(Path(cfg.out_dir))
+                    else ": no stage was finished; run the same command again (a finished warm start is reused)")
+        print("\ninterrupted" + hint, file=sys.stderr)
         return 130
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
