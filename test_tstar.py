@@ -1273,6 +1273,9 @@ def test_a_dataset_without_the_expected_field_is_a_clear_error(tmp_path, capsys)
         tstar.load_problems(bad)
     assert tstar.main(["--eval-only", "--eval-datasets", bad, "--out-dir", str(tmp_path)]) == 2
     assert "columns found" in capsys.readouterr().err
+    bad = write_problems(tmp_path / "bad2.jsonl", [{"question": "1+1?", "solution": "2"}])   # (solution: problem's)
+    with pytest.raises(tstar.UsageError, match="has no 'answer' field; columns found: question, solution"):
+        tstar.load_problems(bad)
     assert tstar.main(["--eval-only", "--eval-datasets", "no-such-set", "--out-dir", str(tmp_path)]) == 2
     assert "unknown dataset 'no-such-set'" in capsys.readouterr().err
 
@@ -1660,6 +1663,7 @@ def test_a_kept_decoder_captures_each_graph_shape_once_over_many_calls(tiny, mon
     assert [(g.ids, g.step_map, g.nfe, g.n_tokens, g.stopped) for g in first] == eager
     assert [(g.ids, g.step_map) for g in second] == [(g.ids, g.step_map) for g in first]
     assert {rows for rows, _, _ in captures} <= {1, 2, 4}                   # compaction halves into known shapes
+    assert all(keys % tstar.KV_BUCKET == 0 for _, _, keys in captures)       # keys in whole buckets
 
 
 def test_the_trajectory_gap_is_logged_as_its_mean_its_share_above_a_tenth_and_its_max(tiny):
@@ -1929,6 +1933,43 @@ def test_the_warm_start_learning_rate_is_a_warm_up_times_a_cosine_from_step_0(mo
         warmup = max(1, T // 20)
         want = [0.01 * min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / T))) for s in range(T)]
         assert lrs == pytest.approx(want)
+
+
+def test_the_value_loss_is_a_mean_over_the_target_tokens(tiny, monkeypatch):
+    """One SGD step on a value head that says c everywhere moves its bias by lr x d/db mean_i 0.5 (V_i - R_i)^2
+    = lr (c - mean_i R_i): to c - lr (c - mean R) (a sum, or a mean over another count, moves it elsewhere)."""
+    model, tok = tiny
+    seen, inner = {}, tstar.ppo_minibatches
+
+    def spy(*args, **kwargs):
+        seen["ret"] = args[7]                        # (policy, value_head, opt, tb, logp_old, v_old, adv, ret, ...)
+        return inner(*args, **kwargs)
+    monkeypatch.setattr(tstar, "ppo_minibatches", spy)
+    prompts = [tok.encode(p) for p in PROMPTS[:2] for _ in range(4)]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0),
+                          generator=torch.Generator().manual_seed(1))
+    ro = tstar.Rollouts(prompts, gens, torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 0.0]]), 4, 0)
+    head, c, lr = tstar.new_value_head(model), 0.4, 0.5
+    torch.nn.init.constant_(head.bias, c)
+    opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.0}, {"params": head.parameters(), "lr": lr}])
+    tstar.ppo_update(model, head, opt, ro, rl_config(group_size=4, minibatches=1), tok.mask_token_id,
+                     tok.eos_token_id, torch.Generator().manual_seed(0))
+    assert len(seen["ret"]) > 8
+    assert head.bias.item() == pytest.approx(c - lr * (c - seen["ret"].mean().item()), rel=1e-5)
+
+
+def test_an_evaluation_scores_each_problems_samples_together(tiny, monkeypatch):
+    """--eval-samples n: a problem's n samples are its own (pass@n per problem). A reward of 1 for one problem
+    of three: pass@2 1/3; samples grouped across problems would make it 2/3."""
+    model, tok = tiny
+    monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tokenizer: STOPS)     # (responses that end)
+    cfg = tstar.finalize_config(tstar.Config(temperature=1.0, max_new_tokens=24, eval_samples=2), {"temperature"})
+    problems = [{"question": q, "answer": "", "task": "toy"} for q in PROMPTS[:3]]
+    metrics, gens = tstar.evaluate(tstar.Engine(model, torch.float32, 64), tok, problems,
+                                   lambda text, p: float(p is problems[0]), cfg, 4)
+    assert len(gens) == 6 and all(g.stopped for g in gens)
+    assert [g.prompt_len for g in gens[:2]] == [len(tok.encode(PROMPTS[0]))] * 2
+    assert metrics["pass@2"] == pytest.approx(1 / 3) and metrics["problems"] == 3
 
 
 def test_every_evaluation_at_a_block_size_draws_the_same_random_numbers(tiny):
