@@ -672,6 +672,7 @@ def test_dynamic_remasking_commits_exactly_the_confident_positions_or_the_quota(
 def test_stage_plan_doubles_and_spreads_the_shifted_batches():
     plan = tstar.stage_plan([4, 8, 16, 32], 4, 0.5)
     assert plan == [(4, [0, 2, 0, 2]), (8, [0, 4, 0, 4]), (16, [0, 8, 0, 8]), (32, [0, 16, 0, 16])]
+    assert all(type(o) is int for _, offsets in plan for o in offsets)        # (positions: 2, not 2.0)
     ten = tstar.stage_plan([4], 10, 0.3)[0][1]
     assert sum(o > 0 for o in ten) == 3
     assert tstar.stage_plan([4], 5, 0.0)[0][1] == [0] * 5 and tstar.stage_plan([4], 5, 1.0)[0][1] == [2] * 5
@@ -1970,6 +1971,16 @@ def test_an_evaluation_scores_each_problems_samples_together(tiny, monkeypatch):
     assert len(gens) == 6 and all(g.stopped for g in gens)
     assert [g.prompt_len for g in gens[:2]] == [len(tok.encode(PROMPTS[0]))] * 2
     assert metrics["pass@2"] == pytest.approx(1 / 3) and metrics["problems"] == 3
+    clock = iter([100.0, 102.5])                      # the sampling took 2.5 s: tokens/s = tokens / 2.5
+    monkeypatch.setattr(tstar, "time", type("Clock", (), {"time": staticmethod(lambda: next(clock))}))
+    metrics, gens = tstar.evaluate(tstar.Engine(model, torch.float32, 64), tok, problems, lambda t, p: 0.0, cfg, 4)
+    assert metrics["tokens_per_s"] == pytest.approx(sum(g.n_tokens for g in gens) / 2.5)
+
+
+def test_a_trace_batchs_targets_are_the_flat_indices_of_its_sequences():
+    tb = tstar.TraceBatch(None, None, None, torch.tensor([0, 2, 2, 5]), *[None] * 7)    # sequences of 2, 0, 3
+    assert tb.targets([2, 0]).tolist() == [2, 3, 4, 0, 1] and tb.targets([1]).tolist() == []
+    assert tb.targets([]).tolist() == [] and tb.targets([]).dtype == torch.long       # (an empty minibatch)
 
 
 def test_every_evaluation_at_a_block_size_draws_the_same_random_numbers(tiny):
