@@ -3,6 +3,7 @@
 Each test names the property it checks and fails if that property breaks."""
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -356,6 +357,16 @@ def test_trace_rounds_reproduce_the_hand_worked_example():
     # offset 2: blocks are [1 1 | 2 1 3 5 | 4 6 7 7 | 7 7]
     assert show_rounds(*tstar.trace_rounds(s, 4, offset=2), 4, 2) == [
         "PP MPMM PMMM PP", ".. P.MM .PMM ..", ".. ..PM ..PP ..", ".. ...P .... .."]
+
+
+def test_a_trace_batch_takes_its_rounds_from_trace_rounds_with_the_given_shrink():
+    s = [1, 1, 2, 1, 3, 5, 4, 6, 7, 7, 7, 7]                    # the hand-worked step map above: 4 rounds, or 2
+    g = tstar.Generation(ids=list(range(5, 17)), step_map=s, logprobs=[0.0] * 12, nfe=7, n_tokens=12, stopped=True,
+                         prompt_len=0, offset=0)
+    for shrink, n_rounds in ((1, 4), (2, 2)):
+        tb = tstar.build_trace_batch([[]], [g], [0], 4, 0, shrink, 1)
+        round_of = tstar.trace_rounds(s, 4, shrink=shrink)[0].int().argmax(0)           # (L,) each token's round
+        assert len(tb.ids) == n_rounds and tb.round.tolist() == round_of[tb.token].tolist()
 
 
 @pytest.mark.parametrize("threshold", [0.9, 0.008])      # (the random tiny model is ~1/128 confident)
@@ -1968,10 +1979,9 @@ def test_an_evaluation_scores_each_problems_samples_together(tiny, monkeypatch):
     problems = [{"question": q, "answer": "", "task": "toy"} for q in PROMPTS[:3]]
     metrics, gens = tstar.evaluate(tstar.Engine(model, torch.float32, 64), tok, problems,
                                    lambda text, p: float(p is problems[0]), cfg, 4)
-    assert len(gens) == 6 and all(g.stopped for g in gens)
-    assert [g.prompt_len for g in gens[:2]] == [len(tok.encode(PROMPTS[0]))] * 2
+    assert len(gens) == 6 and [g.prompt_len for g in gens[:2]] == [len(tok.encode(PROMPTS[0]))] * 2
     assert metrics["pass@2"] == pytest.approx(1 / 3) and metrics["problems"] == 3
-    clock = iter([100.0, 102.5])                      # the sampling took 2.5 s: tokens/s = tokens / 2.5
+    clock = itertools.count(100.0, 2.5)              # the sampling took 2.5 s: tokens/s = tokens / 2.5
     monkeypatch.setattr(tstar, "time", type("Clock", (), {"time": staticmethod(lambda: next(clock))}))
     metrics, gens = tstar.evaluate(tstar.Engine(model, torch.float32, 64), tok, problems, lambda t, p: 0.0, cfg, 4)
     assert metrics["tokens_per_s"] == pytest.approx(sum(g.n_tokens for g in gens) / 2.5)

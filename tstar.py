@@ -265,9 +265,8 @@ def step_quotas(m: torch.Tensor, K: int, remasking: str) -> torch.Tensor:
     if remasking == "ass":
         n_steps = torch.ceil(torch.log2(m.clamp(min=1).double())).long().clamp(min=1)   # (rows,)
         s = torch.arange(int(n_steps.max()), device=m.device)[None, :]                  # (1, steps)
-        doubling = 2 ** s
         last = m[:, None] - (2 ** (n_steps[:, None] - 1) - 1)                           # remainder
-        quota = torch.where(s < n_steps[:, None] - 1, doubling, last)
+        quota = torch.where(s < n_steps[:, None] - 1, 2 ** s, last)                       # 1, 2, 4, ..., last
         return torch.where(s < n_steps[:, None], quota, 0)
     n_steps = m.clamp(min=1, max=K)                                                      # (rows,)
     s = torch.arange(K, device=m.device)[None, :]                                        # (1, K)
@@ -468,7 +467,7 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
     masked with probability p (at least one). Loss = sum over masked tokens of CE / p, divided by the
     number of response tokens in the batch."""
     dev = prompts[0].device
-    rows, pieces, weights, total = [], [], [], 0
+    seqs, cols, labels, rows, weights, total = [], [], [], [], [], 0
     for j, (prompt, response) in enumerate(zip(prompts, responses)):
         P = len(prompt)
         padded_len = block_size * math.ceil((P + len(response)) / block_size) - P
@@ -477,14 +476,15 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
         u = torch.rand(padded_len, generator=generator)
         masked = ((u < p) | (u == u.min())).to(dev)                                   # (L,)
         ids, pos, noisy, col = diffusion_layout(prompt, response, masked[None], block_size, 0, mask_id)
-        pieces.append((ids[0], pos[0], noisy[0], col[masked], response[masked]))
-        weights.append(torch.full((int(masked.sum()),), 1.0 / float(p)))
-        rows.append(torch.full((int(masked.sum()),), j))
+        seqs.append((ids[0], pos[0], noisy[0]))
+        cols.append(col[masked])                                                     # the masked tokens: targets
+        labels.append(response[masked])
+        rows.append(torch.full((len(cols[-1]),), j))
+        weights.append(torch.full((len(cols[-1]),), 1.0 / float(p)))
         total += padded_len
-    ids, pos, noisy, valid = pad_rows(*zip(*[(a, b, c) for a, b, c, _, _ in pieces]), pad_id=pad_id)
-    logp, _, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev),
-                                 torch.cat([p[3] for p in pieces]), torch.cat([p[4] for p in pieces]),
-                                 block_size, 0)
+    ids, pos, noisy, valid = pad_rows(*zip(*seqs), pad_id=pad_id)
+    logp, _, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev), torch.cat(cols),
+                                 torch.cat(labels), block_size, 0)
     return -(logp * torch.cat(weights).to(dev)).sum() / total
 
 
@@ -604,9 +604,8 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
         rnds.append(rnd)
         steps.append(torch.tensor(g.step_map)[i])
         lps.append(torch.tensor(g.logprobs)[i])
-    counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
     cat = lambda xs, dtype=torch.long: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
-    return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]),
+    return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), cat(counts).cumsum(0)]),
                       cat(cols), cat(labels), cat(sample), cat(token), cat(rnds), cat(steps), cat(lps, torch.float))
 
 
@@ -871,8 +870,9 @@ def old_policy_scores(policy, value_head, tb: TraceBatch, cfg: Config, block_siz
 def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, adv, ret, weights, cfg: Config,
                     block_size: int, offset: int, pad_id: int, shuffle) -> dict:
     """--minibatches optimizer steps, each on a shuffled share of the training sequences. The losses are
-    divided by global sums (weights, tokens); FSDP averages gradients over the N processes, so each loss
-    is also multiplied by N: the gradient is that of the global mean. Returns the logged statistics."""
+    divided by the minibatch's global weight (gae: its number of target tokens); FSDP averages gradients over
+    the N processes, so each loss is also multiplied by N: the gradient is that of the global mean. Returns the
+    logged statistics."""
     dev = next(policy.parameters()).device
     n_proc = world()[1]
     policy.train()
@@ -997,8 +997,8 @@ def seed_for(seed: int, stage: int = 0, step: int = 0, rank: int = 0) -> int:
     `rank`, and evaluation (the stage after the last). 10,007 and 101 are primes and the processes lie
     1,000,000,007 apart, so two of a run's streams share a seed only if their steps differ by a multiple of
     10,007. The warm start and the initial weights use seed_for(seed), the first rollouts' seed (for masks and
-    weights, not samples). A
-    step's problems are drawn with Python's random from "seed-stage-step", the same on every process."""
+    weights, not samples). A step's problems are drawn with Python's random from "seed-stage-step", the same
+    on every process."""
     return seed * 1_000_003 + stage * 10_007 + step * 101 + rank * 1_000_000_007
 
 
@@ -1135,7 +1135,7 @@ class Config:
     """EOSER's factor at a block's last step"""
     rollout_batch: int | None = None
     """rows per sampler call, for RL rollouts and evaluation (default: as many as fit in 90% of the free GPU
-    memory, by each row's KV cache and block logits, at most 1024; 256 on the CPU)"""
+    memory left beside training, by each row's KV cache and block logits, at most 1024; 256 on the CPU)"""
     compile: bool = False
     """run the sampler's forward passes as captured CUDA graphs (CUDA only; the advice on a GPU)"""
 
@@ -1995,7 +1995,7 @@ class Decoder:
         B = self.B
         q0 = 0 if self.cache is None else c - B if store_previous else c     # (recompute: the whole prefix)
         ids = torch.cat([frame.x[:, q0:c], xb], 1)                                  # (n, c + B - q0)
-        kv = decoder_width(c + B, self.graphs)                                    # keys: all written slots
+        kv = decoder_width(c + B, self.graphs)          # keys [0, c + B), with graphs whole buckets (rest masked)
         mask, write_at = self.block_mask(frame, c, q0, kv)
         pos = frame.pos[:, q0: c + B]
         if self.cache is None:
@@ -2486,8 +2486,8 @@ def idle_forward(model, value_head, pad_id: int, entropy: bool):
 # ======================================================================================================
 # 17. Checkpoints and the out dir: one run at a time, nothing lost
 # ======================================================================================================
-# A checkpoint is a save_pretrained directory of the whole fp32 weights plus the tokenizer, the value head and
-# tstar.json (what it is: a stage's also holds the curriculum and the config), whole or absent (save_checkpoint). One
+# A checkpoint is a save_pretrained directory of the whole fp32 weights plus the tokenizer and tstar.json (what
+# it is); a stage's also holds the value head, the curriculum and the config. Whole or absent (save_checkpoint). One
 # run at a time holds an out dir (claimed_out_dir); a warm start is reused only if made with the same settings
 # (warm_started), a finished stage only with --resume and the same settings (stages_done).
 
@@ -2528,7 +2528,7 @@ def load_value_head(model, path: Path) -> torch.nn.Linear:
 
     head, file = new_value_head(model), path / "value_head.safetensors"
     if not file.is_file():                        # (save_checkpoint writes it before tstar.json: lost since)
-        raise UsageError(f"{file} is missing: delete {path}, and --resume trains that stage again")
+        raise UsageError(f"{file} is missing: delete {path} and run again (--resume if a stage is left)")
     head.load_state_dict(load_file(str(file)))
     return head
 
@@ -2648,7 +2648,8 @@ def stages_done(cfg: Config, out: Path) -> int:
         raise UsageError(f"--resume: no finished stage in {out} (no stage*-B*/tstar.json)")
     last = finished[-1]
     done = int(STAGE_DIR.fullmatch(last.name)[1])
-    saved = read_json(last / "tstar.json", f"delete {last}, and --resume trains stage {done} again").get("config", {})
+    fix = f"delete {last} and run again (--resume if a stage is left)"
+    saved = read_json(last / "tstar.json", fix).get("config", {})
     now = json.loads(json_text(dataclasses.asdict(cfg)))            # (as saved: tuples become lists)
     # every setting that shapes training must be the one the stage was trained with (the flags, not the values
     # finalize_config derives from them)
