@@ -463,8 +463,8 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
     """SDAR's loss on a batch of (prompt, response) id tensors, blocks at offset 0.
 
     Each response is padded with pad_id (warm_start: eos) to the end of its last block (the pads are targets:
-    the model learns to finish a block with eos). Per sample t ~ U(0,1), p = (1 - eps) t + eps; every response token is
-    masked with probability p (at least one). Loss = sum over masked tokens of CE / p, divided by the
+    the model learns to finish a block with eos). Per sample t ~ U(0,1), p = (1 - eps) t + eps; every response
+    token is masked with probability p (at least one). Loss = sum over masked tokens of CE / p, divided by the
     number of response tokens in the batch."""
     dev = prompts[0].device
     seqs, cols, labels, rows, weights, total = [], [], [], [], [], 0
