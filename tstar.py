@@ -1706,7 +1706,7 @@ def math_problem(question: str, answer: str) -> dict:
             "task": "math"}
 
 
-def verify_answer(gold: str, pred: str, timeout: int = 8) -> float:
+def verify_answer(gold: str, pred: str, timeout: int) -> float:
     """math-verify's equivalence of two answers, its two parses and its comparison each bounded (in all
     at most `timeout` s). A malformed answer, or one too slow to check, is a wrong answer."""
     from math_verify import parse, verify
@@ -1945,6 +1945,18 @@ def decoder_width(width: int, graphs: bool) -> int:
     return KV_BUCKET * math.ceil(width / KV_BUCKET) if graphs else width
 
 
+def row_width(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
+    """Tokens a Decoder holds per row for a prompt of prompt_len: the prompt, the response, and two blocks for
+    the rounding at both ends (the prompt's tail shares the first block; the last block is decoded whole)."""
+    return prompt_len + max_new_tokens + 2 * block_size
+
+
+def graph_capacity(rows: int) -> int:
+    """The rows of a CUDA-graph Decoder: rows rounded down to a power of two, which compaction halves into
+    shapes already captured."""
+    return 1 << (rows.bit_length() - 1)
+
+
 def row_bucket(n: int, capacity: int) -> int:
     """Rows a CUDA-graph frame keeps for n live rows: the next power of two, at most the capacity."""
     return min(capacity, 1 << max(0, n - 1).bit_length())
@@ -2133,10 +2145,9 @@ class Engine:
         check_fits(max(map(len, prompts)), kwargs["max_new_tokens"], self.model.config.max_position_embeddings,
                    kwargs["block_size"], kwargs.get("offset", 0))
         capacity = rows or self.rows
-        if self.graphs:                   # a power of two, which compaction halves into shapes already captured
-            capacity = 1 << (capacity.bit_length() - 1)
+        capacity = graph_capacity(capacity) if self.graphs else capacity
         rows = min(capacity, len(prompts))
-        width = max(map(len, prompts)) + kwargs["max_new_tokens"] + 2 * kwargs["block_size"]
+        width = row_width(max(map(len, prompts)), kwargs["max_new_tokens"], kwargs["block_size"])
         if self.keep:
             rows, width = capacity, max(width, self.width)
         decoder = self.decoder
@@ -2275,7 +2286,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
     config, dtype = model.config, compute_dtype(cfg, device)
     item = torch.empty((), dtype=dtype).element_size()
     B = max(sizes)
-    width = decoder_width(longest_prompt + cfg.max_new_tokens + 2 * B, graphs)
+    width = decoder_width(row_width(longest_prompt, cfg.max_new_tokens, B), graphs)
     kv_row = kv_cache_bytes_per_row(config, width, dtype)
     per_row = kv_row + B * config.vocab_size * propose_bytes_per_logit(cfg, item)
     state = (12 if training else item) * n_params / n_proc
@@ -2302,9 +2313,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
         if not rows and device.type == "cuda":
             rows = min(1024, fit if fit < 16 else fit // 8 * 8)
             note = f", chosen from {human(free)} free"
-    rows = rows or 256
-    if graphs:                                   # (Engine rounds a graph capacity down to a power of two)
-        rows = 1 << (rows.bit_length() - 1)
+    rows = graph_capacity(rows or 256) if graphs else rows or 256      # (as the Engine will round it)
     kv = rows * kv_row
     shared = f" (/ {n_proc} processes)" if n_proc > 1 and training else ""
     line = (f"{human(n_params, '')} parameters; per GPU: {'weights + AdamW' if training else 'weights'} "
