@@ -1837,6 +1837,10 @@ def test_rollouts_are_drawn_from_the_generator_they_are_given(tiny):
     first = draw(7)
     torch.manual_seed(2)                                # (the global random state must not matter)
     assert draw(7) == first and draw(8) != first
+    ro = tstar.collect_rollouts(engine, tok, [{"question": q} for q in PROMPTS[:3]], lambda t, p: 0.0,
+                                rl_config(group_size=4), 4, 0, torch.Generator().manual_seed(7))
+    assert ro.prompts == [tok.encode(q) for q in PROMPTS[:3] for _ in range(4)]     # a group's samples in a row
+    assert [g.prompt_len for g in ro.gens] == list(map(len, ro.prompts)) and ro.rewards.shape == (3, 4)
 
 
 def test_eoser_factor_hand_worked():

@@ -841,8 +841,8 @@ def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward
                      block_size: int, offset: int, generator) -> Rollouts:
     """G samples per problem at the rollout temperature (1.0; dynamic remasking by default), and rewards."""
     G = cfg.group_size                           # G copies of each prompt: the group whose rewards are compared
+    prompts = [ids for p in problems for ids in [encode_prompt(tokenizer, p["question"])] * G]   # encoded once
     problems = [p for p in problems for _ in range(G)]
-    prompts = [encode_prompt(tokenizer, p["question"]) for p in problems]
     engine.refresh()                             # (the rollout copy: the policy's current weights)
     gens = engine.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
                            **sampler_kwargs(cfg, engine.model, tokenizer, block_size, rollout=True))
@@ -1045,8 +1045,8 @@ def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg
     rank, size = world()
     mine = list(problems)[rank::size]                                     # every N-th problem per process
     n = cfg.eval_samples
+    prompts = [ids for p in mine for ids in [encode_prompt(tokenizer, p["question"])] * n]     # encoded once
     mine = [p for p in mine for _ in range(n)]                             # n samples of each problem
-    prompts = [encode_prompt(tokenizer, p["question"]) for p in mine]
     seed = seed_for(cfg.seed, len(cfg.curriculum), block_size, rank)     # (the same for every stage)
     t0 = time.time()
     gens = engine.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
