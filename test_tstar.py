@@ -154,7 +154,7 @@ def decode(model, tok, prompts, rows=None, graphs=False, **overrides):
     if rows is None:
         gens = tstar.generate(model, prompts, **kw)
     else:
-        gens = tstar.Engine(model, next(model.parameters()).dtype, rows, graphs).generate(prompts, **kw)
+        gens = tstar.Engine(model, tok, next(model.parameters()).dtype, rows, graphs).generate(prompts, **kw)
     return [(g.ids, g.step_map, g.nfe, g.n_tokens, g.stopped) for g in gens]
 
 
@@ -229,8 +229,8 @@ def test_cuda_graphs_give_the_eager_tokens_in_bf16_on_the_sdar_fixture():
     prompts = [tstar.encode_prompt(tok, q) for q in ("What is 1+1?", "Name a prime.", "Say hi", "2*3=?")]
     kw = dict(mask_id=tok.mask_token_id, stop_ids=tstar.stop_token_ids(model, tok), block_size=4,
               max_new_tokens=24)
-    eager = tstar.Engine(model, torch.bfloat16, 4).generate(prompts, **kw)
-    graphs = tstar.Engine(model, torch.bfloat16, 4, graphs=True).generate(prompts, **kw)
+    eager = tstar.Engine(model, tok, torch.bfloat16, 4).generate(prompts, **kw)
+    graphs = tstar.Engine(model, tok, torch.bfloat16, 4, graphs=True).generate(prompts, **kw)
     assert [g.ids for g in eager] == [g.ids for g in graphs]
     assert [g.step_map for g in eager] == [g.step_map for g in graphs]
 
@@ -486,7 +486,7 @@ def one_rl_step(reward_fn, block_size=4, offset=0, optimizer=torch.optim.AdamW, 
                      {"params": head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
     before = [p.detach().clone() for p in model.parameters()]
     problems = [{"question": q, "answer": ""} for q in PROMPTS[:3]]
-    sampler = tstar.Engine(model, torch.float32, rows=64)
+    sampler = tstar.Engine(model, tok, torch.float32, rows=64)
     stats = tstar.rl_step(model, head, opt, sampler, tok, problems, reward_fn, cfg, block_size, offset,
                           torch.Generator().manual_seed(0))
     return model, head, before, stats
@@ -645,7 +645,7 @@ def test_ppo_update_gives_gae_the_group_z_scores_of_the_rewards(monkeypatch, tin
 
 def test_a_response_cut_by_the_length_limit_scores_zero(tiny):
     model, tok = tiny
-    ro = tstar.collect_rollouts(tstar.Engine(model, torch.float32, 64), tok, [{"question": "a3="}],
+    ro = tstar.collect_rollouts(tstar.Engine(model, tok, torch.float32, 64), tok, [{"question": "a3="}],
                                 lambda text, p: 1.0, rl_config(group_size=4, max_new_tokens=6), 4, 0,
                                 torch.Generator().manual_seed(0))
     assert all(not g.stopped for g in ro.gens) and ro.rewards.sum() == 0
@@ -781,7 +781,10 @@ def test_main_runs_the_pipeline_and_resume_is_deterministic(tmp_path, tiny_warm_
     assert (a / "results.md").is_file() and (a / "curves.png").is_file()
     # an interrupted run (stage 2 never finished, its last log line cut in the middle), resumed, ends with the
     # same weights; it needs no warm start (deleted here: it is not trained again)
+    # the same run sampling from a rollout copy (on the CPU forced, in fp32: the GPU's path) writes the same records
+    monkeypatch.setattr(tstar.Engine, "force_copy", True)
     assert tstar.main(TINY_RUN + ["--out-dir", tiny_warm_start(b)]) == 0
+    assert comparable(b / "metrics.jsonl") == comparable(a / "metrics.jsonl")
     import shutil
     shutil.rmtree(b / "stage2-B8")
     shutil.rmtree(b / "warmstart")
@@ -1087,7 +1090,7 @@ def test_two_processes_make_the_update_of_one_process_on_their_union(tmp_path, t
     processes cut their micro-batches at 5 targets (more, and uneven, micro-batches), the one process does not."""
     model, tok = tiny
     with torch.no_grad():
-        ro = tstar.collect_rollouts(tstar.Engine(model, torch.float32, 64), tok,
+        ro = tstar.collect_rollouts(tstar.Engine(model, tok, torch.float32, 64), tok,
                                     [{"question": q, "answer": ""} for q in PROMPTS[:4]], lambda t, p: 0.0,
                                     rl_config(group_size=4), 4, 0, torch.Generator().manual_seed(5))
     ro.rewards = torch.tensor([text_parity_reward(tok.decode(g.ids), None) for g in ro.gens]).view(4, 4)
@@ -1292,24 +1295,54 @@ def test_a_dataset_without_the_expected_field_is_a_clear_error(tmp_path, capsys)
     assert "unknown dataset 'no-such-set'" in capsys.readouterr().err
 
 
+IM_END = 151645                 # SDAR's end of a chat turn: a stop id from generation_config.json only
+
+
+def im_end_likely(monkeypatch):
+    """Every sampler step sees <|im_end|> one nat below each position's most likely token (about one candidate in
+    five at temperature 1 on the fixture's random weights): rows end at it, in the sampler only (the trainer
+    sees the checkpoint's own logits)."""
+    real = tstar.propose
+
+    def propose(logits, *a, **k):
+        logits = logits.clone()
+        logits[:, IM_END] = logits.max(-1).values - 1.0
+        return real(logits, *a, **k)
+    monkeypatch.setattr(tstar, "propose", propose)
+
+
+def comparable(path):
+    """The records of a metrics.jsonl without the wall-clock figures."""
+    return [{k: v for k, v in json.loads(l).items() if k not in ("seconds", "tokens_per_s")}
+            for l in Path(path).read_text().splitlines()]
+
+
 @pytest.mark.skipif(not FIXTURE.is_dir(), reason="../shared/fixtures/sdar-tiny is absent (a user's clone has no ../shared)")
-def test_full_scale_pipeline_on_the_sdar_fixture(tmp_path):
+def test_full_scale_pipeline_on_the_sdar_fixture(tmp_path, monkeypatch):
     """The checkpoint path end to end: SDAR-format model and tokenizer, chat-template prompts from a local
-    GSM8K-format file, one RL step at B=4 then one at B=8, evaluation, checkpoints; reload gives equal logits."""
+    GSM8K-format file, one RL step at B=4 then one at B=8, evaluation, checkpoints; reload gives equal logits.
+    The same run sampling from a rollout copy (forced, in fp32: the GPU's path) writes the same records, every
+    one: any state the copy lacked (its stop ids: rows here end at <|im_end|>, a refresh, a buffer) would
+    show."""
     data = write_problems(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
     out = tmp_path / "run"
     argv = ["--model", str(FIXTURE), "--device", "cpu", "--train-dataset", data, "--eval-datasets", data,
             "--block-sizes", "4,8", "--steps-per-stage", "1", "--prompts-per-step", "2", "--group-size", "2",
-            "--max-new-tokens", "16", "--eval-samples", "2", "--eval-batch", "4", "--acc-band", "0,1",
-            "--out-dir", str(out)]
-    assert tstar.main(argv) == 0
-    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+            "--max-new-tokens", "16", "--eval-samples", "2", "--eval-batch", "4", "--acc-band", "0,1"]
+    im_end_likely(monkeypatch)
+    assert tstar.main(argv + ["--out-dir", str(out)]) == 0
+    monkeypatch.setattr(tstar.Engine, "force_copy", True)
+    assert tstar.main(argv + ["--out-dir", str(tmp_path / "copy")]) == 0
+    records = comparable(out / "metrics.jsonl")
+    assert comparable(tmp_path / "copy" / "metrics.jsonl") == records
+    assert any(r["kind"] == "train" and 0 < r["length"] < 16 and r["truncated"] < 1 for r in records)   # rows ended
     evals = [r for r in records if r["kind"] == "eval"]
     assert {(r["stage"], r["block_size"]) for r in evals} == {(s, B) for s in (0, 1, 2) for B in (4, 8)}
     assert all(r["problems"] == 4 and "pass@2" in r for r in evals)
     saved = out / "stage2-B8"
     model, tok = tstar.load_model_and_tokenizer(str(saved))
     assert tok.mask_token_id == 151669 and (saved / "value_head.safetensors").is_file()
+    assert tstar.stop_token_ids(model, tok) == [151643, IM_END]         # (a resumed run stops where this one did)
     again, _ = tstar.load_model_and_tokenizer(str(saved))
     ids = torch.tensor([tstar.encode_prompt(tok, "What is 2+2?")])
     with torch.no_grad():
@@ -1448,7 +1481,7 @@ if size > 1:
     tstar.shard(model, head, torch.device("cpu"))
 cfg = tstar.finalize_config(tstar.Config(micro_batch=4), set())
 plan = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cpu"), True, True, True, free=int(sys.argv[2]))
-sampler = tstar.Engine(model, torch.float32, 8)
+sampler = tstar.Engine(model, tok, torch.float32, 8)
 sums = tstar.check_in_sync(sampler)
 with torch.no_grad():                             # the same NaN everywhere (another tensor): still one policy
     list(sampler.model.parameters())[-1][0] = float("nan")
@@ -1537,8 +1570,8 @@ def test_a_bf16_rollout_copy_keeps_the_rope_frequencies_in_fp32(source):
     within bf16 rounding of cos and sin; frequencies rounded to bf16 are off by more than 0.1 there."""
     if source == "fixture" and not FIXTURE.is_dir():
         pytest.skip("../shared/fixtures/sdar-tiny is absent")
-    policy = rope_model() if source == "tiny" else tstar.load_model_and_tokenizer(str(FIXTURE))[0]
-    copy = tstar.Engine(policy, torch.bfloat16, 4).model
+    policy, tok = (rope_model(), tstar.char_tokenizer()) if source == "tiny" else tstar.load_model_and_tokenizer(str(FIXTURE))
+    copy = tstar.Engine(policy, tok, torch.bfloat16, 4).model
     assert next(copy.parameters()).dtype == torch.bfloat16
     for (name, mine), theirs in zip(copy.named_buffers(), policy.buffers()):
         assert mine.dtype == torch.float32 and torch.equal(mine, theirs), name
@@ -1548,6 +1581,45 @@ def test_a_bf16_rollout_copy_keeps_the_rope_frequencies_in_fp32(source):
     rounded = rope_model() if source == "tiny" else tstar.load_model_and_tokenizer(str(FIXTURE))[0]
     rounded.to(torch.bfloat16)                                                    # (what the copy used to be)
     assert (rotation(rounded, positions) - ref).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("source", ["tiny", "fixture"])
+def test_a_rollout_copy_is_the_policy_in_all_but_its_parameters_dtype(source):
+    """What the sampler reads from its model (config, generation config, stop and mask ids, buffers, parameter
+    names and values) is the same for a bf16 rollout copy as for the policy; only the parameters' dtype differs."""
+    if source == "fixture" and not FIXTURE.is_dir():
+        pytest.skip("../shared/fixtures/sdar-tiny is absent")
+    policy, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json" if source == "tiny" else FIXTURE))
+    engine = tstar.Engine(policy, tok, torch.bfloat16, 4)
+    copy = engine.model
+    assert copy is not policy
+    assert copy.config.to_dict() == policy.config.to_dict()
+    assert copy.generation_config.to_dict() == policy.generation_config.to_dict()
+    assert engine.stop_ids == tstar.stop_token_ids(copy, tok) == tstar.stop_token_ids(policy, tok)
+    assert engine.stop_ids == ([151643, IM_END] if source == "fixture" else [tok.eos_token_id])
+    assert engine.mask_id == tok.mask_token_id
+    assert [n for n, _ in copy.named_buffers()] == [n for n, _ in policy.named_buffers()]
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(copy.buffers(), policy.buffers()))
+    mine, theirs = dict(copy.named_parameters()), dict(policy.named_parameters())
+    assert mine.keys() == theirs.keys()
+    assert all(mine[k].dtype == torch.bfloat16 and torch.equal(mine[k], theirs[k].to(torch.bfloat16)) for k in mine)
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="../shared/fixtures/sdar-tiny is absent")
+def test_rows_sampled_from_a_bf16_copy_stop_at_im_end(monkeypatch):
+    """<|im_end|> is a stop id of SDAR's generation_config.json, not of its config.json: a copy built from the
+    config alone would decode past the end of the chat turn."""
+    policy, tok = tstar.load_model_and_tokenizer(str(FIXTURE))
+    im_end_likely(monkeypatch)
+    prompts = [tstar.encode_prompt(tok, q) for q in ("What is 1+1?", "Name a prime.", "Say hi", "2*3=?")] * 2
+    gens = tstar.Engine(policy, tok, torch.bfloat16, 8).generate(
+        prompts, generator=torch.Generator().manual_seed(0), **tstar.sampler_kwargs(tstar.Config(max_new_tokens=24), 4,
+                                                                                    rollout=True))
+    ended = [g for g in gens if IM_END in g.ids[:24]]
+    assert len(ended) >= 4
+    for g in ended:
+        assert g.stopped and g.ids[g.n_tokens - 1] == IM_END and IM_END not in g.ids[: g.n_tokens - 1]
+        assert len(g.ids) <= tstar.block_start(g.prompt_len + g.n_tokens - 1, 4) + 4 - g.prompt_len   # its block, no more
 
 
 def test_models_loaded_in_bf16_keep_their_buffers_in_fp32():
@@ -1565,11 +1637,11 @@ def test_batches_of_other_padding_through_one_decoder_equal_fresh_decoders(tiny)
     batches = [[a, b, a, b], [b, a, b, b]]
     kw = sample_kwargs(tok, stop_ids=STOPS, max_new_tokens=40, temperature=1.0)
     for graphs in (False, True):
-        shared = tstar.Engine(model, torch.float32, 4, graphs).generate(
+        shared = tstar.Engine(model, tok, torch.float32, 4, graphs).generate(
             batches[0] + batches[1], generator=torch.Generator().manual_seed(0), **kw)
         gen, fresh = torch.Generator().manual_seed(0), []
         for batch in batches:
-            fresh += tstar.Engine(model, torch.float32, 4, graphs).generate(batch, generator=gen, **kw)
+            fresh += tstar.Engine(model, tok, torch.float32, 4, graphs).generate(batch, generator=gen, **kw)
         assert len({len(g.ids) for g in fresh}) >= 2                         # rows finish at different blocks
         assert [(g.ids, g.step_map, g.logprobs) for g in shared] == [(g.ids, g.step_map, g.logprobs) for g in fresh]
 
@@ -1665,7 +1737,7 @@ def test_a_kept_decoder_captures_each_graph_shape_once_over_many_calls(tiny, mon
     monkeypatch.setattr(tstar.Decoder, "__init__", init_capturing)
     prompts = many_prompts(tok)
     eager = decode(model, tok, prompts)
-    sampler = tstar.Engine(model, torch.float32, 6, graphs=True)
+    sampler = tstar.Engine(model, tok, torch.float32, 6, graphs=True)
     kw = sample_kwargs(tok, stop_ids=STOPS, max_new_tokens=40)
     first = sampler.generate(prompts, **kw)
     decoder, n_captures = sampler.decoder, len(captures)
@@ -1829,7 +1901,7 @@ def test_clipped_value_loss_is_the_larger_of_the_two_errors_for_any_old_value():
 def test_rollouts_are_drawn_from_the_generator_they_are_given(tiny):
     """The same generator seed gives the same rollouts; another seed, others (the step's own random stream)."""
     model, tok = tiny
-    engine = tstar.Engine(model, torch.float32, 64)
+    engine = tstar.Engine(model, tok, torch.float32, 64)
     draw = lambda seed: [g.ids for g in tstar.collect_rollouts(  # noqa: E731
         engine, tok, [{"question": q} for q in PROMPTS[:3]], lambda t, p: 0.0, rl_config(group_size=4), 4, 0,
         torch.Generator().manual_seed(seed)).gens]
@@ -1981,13 +2053,13 @@ def test_an_evaluation_scores_each_problems_samples_together(tiny, monkeypatch):
     monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tokenizer: STOPS)     # (responses that end)
     cfg = tstar.finalize_config(tstar.Config(temperature=1.0, max_new_tokens=24, eval_samples=2), {"temperature"})
     problems = [{"question": q, "answer": "", "task": "toy"} for q in PROMPTS[:3]]
-    metrics, gens = tstar.evaluate(tstar.Engine(model, torch.float32, 64), tok, problems,
+    metrics, gens = tstar.evaluate(tstar.Engine(model, tok, torch.float32, 64), tok, problems,
                                    lambda text, p: float(p is problems[0]), cfg, 4)
     assert len(gens) == 6 and [g.prompt_len for g in gens[:2]] == [len(tok.encode(PROMPTS[0]))] * 2
     assert metrics["pass@2"] == pytest.approx(1 / 3) and metrics["problems"] == 3
     clock = itertools.count(100.0, 2.5)              # the sampling took 2.5 s: tokens/s = tokens / 2.5
     monkeypatch.setattr(tstar, "time", type("Clock", (), {"time": staticmethod(lambda: next(clock))}))
-    metrics, gens = tstar.evaluate(tstar.Engine(model, torch.float32, 64), tok, problems, lambda t, p: 0.0, cfg, 4)
+    metrics, gens = tstar.evaluate(tstar.Engine(model, tok, torch.float32, 64), tok, problems, lambda t, p: 0.0, cfg, 4)
     assert metrics["tokens_per_s"] == pytest.approx(sum(g.n_tokens for g in gens) / 2.5)
 
 
@@ -2002,7 +2074,7 @@ def test_every_evaluation_at_a_block_size_draws_the_same_random_numbers(tiny):
     samples whatever the global random state: stages differ by their weights only."""
     model, tok = tiny
     cfg = tstar.finalize_config(tstar.Config(temperature=1.0, max_new_tokens=24, eval_samples=2), {"temperature"})
-    engine = tstar.Engine(model, torch.float32, 64)
+    engine = tstar.Engine(model, tok, torch.float32, 64)
     problems = [{"question": q, "answer": "", "task": "toy"} for q in PROMPTS]
 
     def samples(global_seed):

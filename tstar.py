@@ -50,6 +50,7 @@ Where this file departs from the papers (choices where they are silent, and simp
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import inspect
@@ -845,7 +846,7 @@ def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward
     problems = [p for p in problems for _ in range(G)]
     engine.refresh()                             # (the rollout copy: the policy's current weights)
     gens = engine.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
-                           **sampler_kwargs(cfg, engine.model, tokenizer, block_size, rollout=True))
+                           **sampler_kwargs(cfg, block_size, rollout=True))
     rewards = rewards_of(gens, problems, tokenizer, reward_fn)                                   # (samples,)
     return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
 
@@ -1051,7 +1052,7 @@ def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg
     t0 = time.time()
     gens = engine.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
                            generator=torch.Generator(engine.device).manual_seed(seed),
-                           **sampler_kwargs(cfg, engine.model, tokenizer, block_size))
+                           **sampler_kwargs(cfg, block_size))
     seconds = dist_sum(time.time() - t0) / size                           # the processes ran side by side
     rewards = rewards_of(gens, mine, tokenizer, reward_fn).numpy().reshape(-1, n)
     metrics = rollout_stats(gens, rewards, block_size)
@@ -2105,9 +2106,14 @@ class Engine:
     probs up to rounding), else a copy in the compute dtype (bf16 on CUDA; always under FSDP), refreshed before every
     rollout and evaluation (one gather per RL step). Rows are decoded `rows` at a time (--rollout-batch) through
     one Decoder per call; with keep=True (graphs, where the memory plan allows) one Decoder for the whole run,
-    so each CUDA graph is captured once, with a power-of-two row capacity that compaction halves."""
+    so each CUDA graph is captured once, with a power-of-two row capacity that compaction halves.
 
-    def __init__(self, policy, dtype: torch.dtype, rows: int, graphs: bool = False, frozen: bool = False,
+    What a row stops on is decided here, once, from the policy as loaded (its checkpoint's generation config) and
+    the tokenizer: never from the copy, whose generation config would come from config.json alone."""
+
+    force_copy = False        # sample from a copy even where the policy could (tests: the GPU path on the CPU)
+
+    def __init__(self, policy, tokenizer, dtype: torch.dtype, rows: int, graphs: bool = False, frozen: bool = False,
                  keep: bool | None = None, width: int = 0):
         """frozen: the policy is only evaluated, never trained (--eval-only). width: the tokens per row a kept
         Decoder allocates at least (the longest prompt and response of the run)."""
@@ -2115,13 +2121,15 @@ class Engine:
 
         self.policy, self.rows, self.graphs, self.width = policy, rows, graphs, width
         self.keep, self.decoder = graphs if keep is None else keep, None
+        self.mask_id, self.stop_ids = tokenizer.mask_token_id, stop_token_ids(policy, tokenizer)
         p = next(policy.parameters())
         self.device = p.device
-        if p.dtype == dtype and not is_sharded(policy):
+        if p.dtype == dtype and not is_sharded(policy) and not Engine.force_copy:
             self.model = policy
         else:
             with torch.device("meta"):
                 self.model = Qwen3ForCausalLM(policy.config)
+            self.model.generation_config = copy.deepcopy(policy.generation_config)     # (the same model, but dtype)
             cast_weights(self.model.to_empty(device=p.device), dtype).eval().requires_grad_(False)
             self.refresh()
         if p.device.type == "cuda" and (self.model is not policy or frozen):
@@ -2139,9 +2147,11 @@ class Engine:
 
     def generate(self, prompts, *, rows: int | None = None, desc: str = "", **kwargs) -> list[Generation]:
         """generate() over all prompts, `rows` at a time (default --rollout-batch), with one Decoder sized for
-        the longest; torch's deterministic-algorithms switch is off meanwhile (see deterministic)."""
+        the longest, stopping on the Engine's stop ids (unless kwargs name others); torch's deterministic-
+        algorithms switch is off meanwhile (see deterministic)."""
         if not prompts:
             return []
+        kwargs = dict(mask_id=self.mask_id, stop_ids=self.stop_ids) | kwargs
         check_fits(max(map(len, prompts)), kwargs["max_new_tokens"], self.model.config.max_position_embeddings,
                    kwargs["block_size"], kwargs.get("offset", 0))
         capacity = rows or self.rows
@@ -2150,10 +2160,12 @@ class Engine:
         width = row_width(max(map(len, prompts)), kwargs["max_new_tokens"], kwargs["block_size"])
         if self.keep:
             rows, width = capacity, max(width, self.width)
+        if self.decoder is None or self.decoder.rows < rows or self.decoder.width < width:
+            self.decoder = None               # (the old cache and graphs go before the new ones are allocated)
+            self.decoder = Decoder(self.model, rows, width, graphs=self.graphs)
         decoder = self.decoder
-        if decoder is None or decoder.rows < rows or decoder.width < width:
-            decoder = Decoder(self.model, rows, width, graphs=self.graphs)
-            self.decoder = decoder if self.keep else None
+        if not self.keep:
+            self.decoder = None
         gens = []
         with deterministic(False):
             for i in tqdm(range(0, len(prompts), rows), desc=desc, leave=False,
@@ -2162,10 +2174,10 @@ class Engine:
         return gens
 
 
-def sampler_kwargs(cfg: Config, model, tokenizer, block_size: int, rollout: bool = False) -> dict:
-    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation."""
-    return dict(mask_id=tokenizer.mask_token_id, stop_ids=stop_token_ids(model, tokenizer), block_size=block_size,
-                steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
+def sampler_kwargs(cfg: Config, block_size: int, rollout: bool = False) -> dict:
+    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation; the Engine adds the
+    mask and stop ids."""
+    return dict(block_size=block_size, steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
                 temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                 eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
@@ -2925,7 +2937,7 @@ def run(cfg: Config) -> None:
                 getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
             if sharded:
                 shard(model, value_head, device)
-        engine = Engine(model, dtype, plan["rows"], graphs, frozen=cfg.eval_only, keep=plan["keep"],
+        engine = Engine(model, tokenizer, dtype, plan["rows"], graphs, frozen=cfg.eval_only, keep=plan["keep"],
                         width=plan["width"])      # (a frozen model may fuse its norms)
 
         if cfg.eval_only:
