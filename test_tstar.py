@@ -1470,6 +1470,26 @@ def test_a_cuda_run_has_a_process_group_backend_for_every_device_its_collectives
     assert seen and used <= devices_served(tstar.process_group_backend(torch.device("cuda")))
 
 
+def test_every_cuda_run_selects_its_device_and_a_device_beyond_the_count_is_a_clear_error(monkeypatch, capsys, tmp_path):
+    """CUDA graphs capture on the current device's streams: --device cuda:1 on one process must make cuda:1
+    current (else the graph of a step on cuda:1 is captured empty and replays return stale outputs). The CUDA
+    calls are stubbed: two GPUs, cuda:0 current."""
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: selected.append(torch.device(d)))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for name, want in (("cuda:1", 1), ("cuda", 0), ("auto", 0)):
+        selected.clear()
+        device = tstar.setup_device(tstar.Config(device=name))
+        assert device == torch.device("cuda", want) and selected == [device], name
+    assert tstar.main(["--device", "cuda:2", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "tstar: error: --device cuda:2: this machine has 2 GPU(s), cuda:0 to cuda:1"
+    assert not (tmp_path / "out").exists()
+
+
 FSDP_WORKER = """
 import json, sys, torch, tstar
 torch.distributed.init_process_group("gloo")

@@ -2355,20 +2355,29 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} requested but CUDA is not available")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def setup_device(cfg: Config) -> torch.device:
-    """The device, and under torchrun the process group (process_group_backend): one GPU per process."""
+    """The device, selected as the current CUDA device (CUDA graphs capture on the current device's streams: a
+    graph captured for cuda:1 while cuda:0 is current records nothing), and under torchrun the process group
+    (process_group_backend): one GPU per process."""
     device = resolve_device(cfg.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():   # started by torchrun
-        if device.type == "cuda":                 # one GPU per process: LOCAL_RANK picks it
-            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
-            if per_node > gpus:
-                raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU(s): "
-                                 f"use --nproc_per_node {gpus} (or --device cpu)")
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    if torchrun and device.type == "cuda":            # one GPU per process: LOCAL_RANK picks it
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+        if per_node > gpus:
+            raise UsageError(f"torchrun started {per_node} processes on this machine but it has {gpus} GPU(s): "
+                             f"use --nproc_per_node {gpus} (or --device cpu)")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if torchrun:
         dist.init_process_group(process_group_backend(device), device_id=device if device.type == "cuda" else None)
     return device
 
