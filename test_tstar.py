@@ -1070,7 +1070,12 @@ if size > 1:
     tstar.shard(model, head, torch.device("cpu"))
 opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.5}, {"params": head.parameters(), "lr": 0.5}])
 cfg = tstar.Config(group_size=G, minibatches=1, micro_batch=3, grad_clip=100.0, advantage=sys.argv[4])
+reductions, micro = [], []                           # FSDP's reduce-scatters, the update's micro-batches
+real_reduce, real_score = torch.distributed.reduce_scatter_single, tstar.score_sequences
+torch.distributed.reduce_scatter_single = lambda *a, **k: reductions.append(1) or real_reduce(*a, **k)
+tstar.score_sequences = lambda *a, **k: micro.append(len(a[3])) or real_score(*a, **k)
 stats = tstar.ppo_update(model, head, opt, mine, cfg, tok.mask_token_id, tok.eos_token_id, torch.Generator().manual_seed(0))
+stats.update(reductions=len(reductions), units=len(tstar.fsdp_units(model, head)), micro_batches=micro[-1])
 weights = {**tstar.full_state_dict(model), **{"value_head." + k: v for k, v in tstar.full_state_dict(head).items()}}
 if rank == 0:
     torch.save((weights, stats), out)
@@ -1110,6 +1115,9 @@ def test_two_processes_make_the_update_of_one_process_on_their_union(tmp_path, t
     assert max((one[k] - start[k]).abs().max().item() for k in start) > 1e-3        # the update moved weights
     assert max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-5
     assert s1["kept"] == s2["kept"] and s1["clipfrac"] == pytest.approx(s2["clipfrac"])
+    # one reduce-scatter per FSDP unit per optimizer step, however many micro-batches (CJ-GRPO has no value head)
+    assert s2["micro_batches"] >= 4 and s2["units"] == 4 + 3
+    assert s2["reductions"] == s2["units"] - (advantage == "group")
 
 
 def test_a_warm_start_trained_under_torchrun_is_shared_by_the_processes(tmp_path):
@@ -1666,6 +1674,28 @@ def test_batches_of_other_padding_through_one_decoder_equal_fresh_decoders(tiny)
         assert [(g.ids, g.step_map, g.logprobs) for g in shared] == [(g.ids, g.step_map, g.logprobs) for g in fresh]
 
 
+def test_the_ratio_is_exactly_one_at_the_first_minibatch_under_bf16_autocast(tiny, monkeypatch):
+    """bf16 kernels are not batch-invariant: the old pass forwards the update's own micro-batches, so before the
+    first optimizer step p / p_old is 1 exactly (sequences of other lengths in other groups: off by rounding)."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS for _ in range(4)]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0),
+                          generator=torch.Generator().manual_seed(1))
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0]] * len(PROMPTS))
+    ratios, steps = [], []
+    real = tstar.ppo_token_loss
+    monkeypatch.setattr(tstar, "ppo_token_loss", lambda *a: (lambda out: ratios.append((len(steps), out[1])) or out)(real(*a)))
+    head = tstar.new_value_head(model)
+    opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.0}, {"params": head.parameters(), "lr": 0.0}])
+    monkeypatch.setattr(opt, "step", lambda *a: steps.append(1))
+    cfg = rl_config(group_size=4, minibatches=2, micro_batch=3, dtype="bfloat16")
+    assert tstar.compute_dtype(cfg, torch.device("cpu")) == torch.bfloat16
+    tstar.ppo_update(model, head, opt, tstar.Rollouts(prompts, gens, rewards, 4, 0), cfg, tok.mask_token_id,
+                     tok.eos_token_id, torch.Generator().manual_seed(0))
+    first = torch.cat([r for k, r in ratios if k == 0])
+    assert len(steps) == 2 and len(first) > 20 and torch.equal(first, torch.ones_like(first))
+
+
 def test_the_value_head_runs_in_fp32_under_bf16_autocast(tiny):
     model, tok = tiny
     head = tstar.new_value_head(model)
@@ -2050,7 +2080,7 @@ def test_the_value_loss_is_a_mean_over_the_target_tokens(tiny, monkeypatch):
     seen, inner = {}, tstar.ppo_minibatches
 
     def spy(*args, **kwargs):
-        seen["ret"] = args[7]                        # (policy, value_head, opt, tb, logp_old, v_old, adv, ret, ...)
+        seen["ret"] = args[8]                  # (policy, value_head, opt, tb, plan, logp_old, v_old, adv, ret, ...)
         return inner(*args, **kwargs)
     monkeypatch.setattr(tstar, "ppo_minibatches", spy)
     prompts = [tok.encode(p) for p in PROMPTS[:2] for _ in range(4)]

@@ -851,42 +851,46 @@ def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward
     return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
 
 
+def minibatch_plan(tb: TraceBatch, cfg: Config, vocab_size: int, shuffle) -> list[list[list[int]]]:
+    """The training sequences in --minibatches shuffled shares, each cut into micro-batches (lists of sequence
+    indices, one forward each). The old pass and the update forward these same groups: kernels in bf16 are not
+    batch-invariant, and other padded lengths would make the ratio at the first minibatch other than 1."""
+    order = torch.randperm(len(tb.ids), generator=shuffle).tolist()
+    return [as_many_everywhere(micro_batches(tb, mb.tolist(), cfg.micro_batch, vocab_size))
+            for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches)]
+
+
 @torch.no_grad()
-def old_policy_scores(policy, value_head, tb: TraceBatch, cfg: Config, block_size: int, offset: int, pad_id: int):
+def old_policy_scores(policy, value_head, tb: TraceBatch, plan, cfg: Config, block_size: int, offset: int,
+                      pad_id: int):
     """log p_old, V_old (None without a value head) and the policy's entropy at every target, (M,) each, from
-    one pass at the pre-update weights."""
+    one pass at the pre-update weights over the micro-batches of the plan."""
     dev = next(policy.parameters()).device
     M = len(tb.label)
     logp_old, v_old, entropy = torch.zeros(M), torch.zeros(M), torch.zeros(M)
-    chunks = as_many_everywhere(micro_batches(tb, range(len(tb.ids)), cfg.micro_batch, policy.config.vocab_size))
     with autocast(cfg, dev):
-        for tgt, logp, values, ent in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id,
-                                                      entropy=True):
+        for tgt, logp, values, ent in score_sequences(policy, value_head, tb, [c for mb in plan for c in mb],
+                                                      block_size, offset, pad_id, entropy=True):
             logp_old[tgt], entropy[tgt] = logp.cpu(), ent.cpu()
             if values is not None:
                 v_old[tgt] = values.cpu()
     return logp_old, v_old if value_head is not None else None, entropy
 
 
-def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, adv, ret, weights, cfg: Config,
-                    block_size: int, offset: int, pad_id: int, shuffle) -> dict:
-    """--minibatches optimizer steps, each on a shuffled share of the training sequences. The losses are
-    divided by the minibatch's global weight (gae: its number of target tokens); FSDP averages gradients over
-    the N processes, so each loss is also multiplied by N: the gradient is that of the global mean. Returns the
-    logged statistics."""
+def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, plan, logp_old, v_old, adv, ret, weights, cfg: Config,
+                    block_size: int, offset: int, pad_id: int) -> dict:
+    """One optimizer step per minibatch of the plan. Each micro-batch's loss is divided by the minibatch's
+    global weight (gae: its number of target tokens, over all processes) and its gradient accumulated; FSDP
+    sums the processes' gradients once, after the minibatch's last backward (gradient_sync): the gradient of
+    the global mean. Returns the logged statistics."""
     dev = next(policy.parameters()).device
-    n_proc = world()[1]
     policy.train()
-    order = torch.randperm(len(tb.ids), generator=shuffle).tolist()
     clipped, kls, vlosses, plosses, norms = [], [], [], [], []
-    # each minibatch: the loss of every micro-batch, divided by the minibatch's global weight (gae: its number of
-    # target tokens), backward (gradients accumulate), then one clipped optimizer step
-    for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches):
-        mb = mb.tolist()
-        norm = max(dist_sum(weights[tb.targets(mb)].sum().item()), 1e-12)   # over all processes (gae: the targets)
-        chunks = as_many_everywhere(micro_batches(tb, mb, cfg.micro_batch, policy.config.vocab_size))
+    for chunks in plan:
+        norm = max(dist_sum(weights[tb.targets([k for c in chunks for k in c])].sum().item()), 1e-12)
         with autocast(cfg, dev):
-            for tgt, logp, values, _ in score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id):
+            scored = score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id)
+            for i, (tgt, logp, values, _) in enumerate(scored):
                 per_tok, ratio, kl = ppo_token_loss(logp, logp_old[tgt].to(dev), adv[tgt].to(dev),
                                                     cfg.clip_eps, cfg.beta)
                 loss = (per_tok * weights[tgt].to(dev)).sum() / norm
@@ -895,7 +899,8 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, logp_old, v_old, ad
                     vl = clipped_value_loss(values, v_old[tgt].to(dev), ret[tgt].to(dev), cfg.clip_eps)
                     loss = loss + vl.sum() / norm            # (a value head: gae, a mean over targets)
                     vlosses.append(vl.detach().cpu())
-                (loss * n_proc).backward()
+                gradient_sync(policy, value_head, i == len(chunks) - 1)
+                loss.backward()
                 clipped.append(((ratio - 1).abs() > cfg.clip_eps).detach().cpu())
                 kls.append(kl.detach().cpu())
         norms.append(clip_grad_norm(policy, cfg.grad_clip))          # (the norm before clipping)
@@ -931,7 +936,8 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     # 3. old log-probs and values: the pre-update weights, the same layout. The trajectory gap |log p_old -
     #    log p_sampler| per target is ~1e-8 when the policy samples itself (fp32), a rounding error with a
     #    bf16 rollout copy: its mean, the share above 0.1 and its largest value are logged.
-    logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, cfg, B, offset, pad_id)
+    plan = minibatch_plan(tb, cfg, policy.config.vocab_size, shuffle)
+    logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, plan, cfg, B, offset, pad_id)
     gap = (logp_old - tb.sampler_logp).abs()
     stats.update(traj_gap=global_mean(gap), traj_gap_max=dist_max(gap.max().item() if M else 0.0),
                  traj_gap_over=global_mean(gap > 0.1), entropy=global_mean(entropy))
@@ -951,8 +957,8 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     weights = token_weights(tb, cfg.advantage)
 
     # 5. PPO: --minibatches optimizer steps
-    stats.update(ppo_minibatches(policy, value_head, opt, tb, logp_old, v_old, adv, ret, weights, cfg, B, offset,
-                                 pad_id, shuffle))
+    stats.update(ppo_minibatches(policy, value_head, opt, tb, plan, logp_old, v_old, adv, ret, weights, cfg, B,
+                                 offset, pad_id))
     return stats
 
 
@@ -2457,6 +2463,9 @@ def shard(model, value_head, device) -> None:
         fully_shard(layer, mesh=mesh)
     for unit in (model.model, model.lm_head, value_head):    # called directly (hidden_states, forward_targets)
         fully_shard(unit, mesh=mesh)
+    for unit in fsdp_units(model, value_head):    # gradients summed, not averaged: each loss is already divided
+        unit.set_gradient_divide_factor(1.0)      # by the count over all processes (a global mean)
+        unit.set_force_sum_reduction_for_comms(True)      # (a plain sum: gloo has no pre-multiplied one)
 
 
 def full_state_dict(module) -> dict:
@@ -2495,6 +2504,19 @@ def clip_grad_norm(model, max_norm: float) -> float:
     """Clip the gradient of the model's weights to a norm of max_norm; returns the norm before clipping (under
     FSDP the norm over every process's shards)."""
     return float(full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+
+
+def fsdp_units(model, value_head) -> list:
+    """The FSDP2 units of the policy and the value head (shard), each decoder layer one; [] on one process."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for net in (model, value_head) if net is not None for m in net.modules() if isinstance(m, FSDPModule)]
+
+
+def gradient_sync(model, value_head, sync: bool) -> None:
+    """Whether FSDP reduce-scatters the gradients after the next backward: only after a minibatch's last one
+    (the others accumulate unsharded gradients locally: one reduction per optimizer step, not per micro-batch)."""
+    for unit in fsdp_units(model, value_head):
+        unit.set_requires_gradient_sync(sync, recurse=False)
 
 
 def as_many_everywhere(chunks: list) -> list:
