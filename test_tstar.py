@@ -1800,6 +1800,27 @@ def test_a_kept_decoder_captures_each_graph_shape_once_over_many_calls(tiny, mon
     assert all(keys % tstar.KV_BUCKET == 0 for _, _, keys in captures)       # keys in whole buckets
 
 
+def test_a_kept_decoder_is_released_before_a_larger_one_is_allocated(tiny, monkeypatch):
+    """A kept Decoder (CUDA graphs) that must grow (a larger evaluation batch, a longer prompt) frees its KV cache
+    first: the memory plan counts one cache, never two."""
+    import weakref
+    model, tok = tiny
+    alive, seen = [], []
+    init = tstar.KVCache.__init__
+
+    def counting_init(self, *a, **k):
+        seen.append(sum(ref() is not None for ref in alive))          # caches alive while this one is made
+        init(self, *a, **k)
+        alive.append(weakref.ref(self))
+    monkeypatch.setattr(tstar.KVCache, "__init__", counting_init)
+    engine = tstar.Engine(model, tok, torch.float32, 2, keep=True)
+    kw = sample_kwargs(tok, stop_ids=STOPS, max_new_tokens=8)
+    engine.generate(many_prompts(tok, 2), **kw)
+    engine.generate(many_prompts(tok, 4), rows=4, **kw)                # more rows: a new cache
+    engine.generate([tok.encode("a3 b7 " * 14)], rows=4, **kw)         # a longer prompt: wider rows, a new cache
+    assert len(seen) == 3 and seen == [0, 0, 0]
+
+
 def test_the_trajectory_gap_is_logged_as_its_mean_its_share_above_a_tenth_and_its_max(tiny):
     """Two targets whose sampler log-probs are off by 0.5 and 0.05 (the rest agree to ~1e-7 in fp32): the log
     shows the mean gap, the share of targets above 0.1 and the largest gap."""

@@ -2167,7 +2167,10 @@ class Engine:
         if self.keep:
             rows, width = capacity, max(width, self.width)
         if self.decoder is None or self.decoder.rows < rows or self.decoder.width < width:
-            self.decoder = None               # (the old cache and graphs go before the new ones are allocated)
+            if self.decoder is not None:      # the old cache and graphs go before the new ones are allocated
+                self.decoder = None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # (a graph pool's memory is cached, not reusable, until this)
             self.decoder = Decoder(self.model, rows, width, graphs=self.graphs)
         decoder = self.decoder
         if not self.keep:
