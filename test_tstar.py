@@ -1499,11 +1499,21 @@ def test_every_cuda_run_selects_its_device_and_a_device_beyond_the_count_is_a_cl
 
 
 FSDP_WORKER = """
-import json, sys, torch, tstar
+import json, sys, time, torch, tstar
 torch.distributed.init_process_group("gloo")
 rank, size = tstar.world()
 torch.manual_seed(0)
-model, tok = tstar.load_model_and_tokenizer(sys.argv[1])
+real_load, spans = tstar.load_model_and_tokenizer, []
+def timed_load(*a):
+    t0 = time.monotonic()
+    out = real_load(*a)
+    time.sleep(0.2)                               # (a load long enough to overlap another, were they concurrent)
+    spans.append((t0, time.monotonic()))
+    return out
+tstar.load_model_and_tokenizer = timed_load
+model, tok = tstar.load_in_turns(sys.argv[1], "cpu", torch.float32)
+every_span = [None] * size
+torch.distributed.all_gather_object(every_span, spans)
 head = tstar.new_value_head(model)
 if size > 1:
     tstar.shard(model, head, torch.device("cpu"))
@@ -1522,9 +1532,32 @@ try:
     caught = ""
 except RuntimeError as e:
     caught = str(e)
+gpu_plan = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cuda"), True, True, False, free=int(sys.argv[2]) // 25)
+# bf16 mixed precision: the LM head computes with its weights gathered in bf16, and the ratio at the first
+# minibatch is still 1 exactly
+torch.manual_seed(0)
+model, tok = tstar.load_model_and_tokenizer(sys.argv[1])
+head = tstar.new_value_head(model)
+tstar.shard(model, head, torch.device("cpu"), torch.bfloat16)
+dtypes, ratios, steps = set(), [], []
+model.lm_head.register_forward_pre_hook(lambda m, args: dtypes.add(str(m.weight.dtype)))
+real = tstar.ppo_token_loss
+tstar.ppo_token_loss = lambda *a: (lambda out: ratios.append((len(steps), out[1].detach())) or out)(real(*a))
+cfg = tstar.Config(group_size=4, minibatches=2, micro_batch=3, dtype="bfloat16", max_new_tokens=24)
+prompts = [tok.encode(q) for q in ("a3 b7=", "a1=", "x", "a0 b9 c2=")[rank::2] for _ in range(4)]
+gens = tstar.Engine(model, tok, torch.float32, 8).generate(prompts, generator=torch.Generator().manual_seed(rank),
+                                                          stop_ids=list(range(3, 30)),
+                                                          **tstar.sampler_kwargs(cfg, 4, rollout=True))
+opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.1}, {"params": head.parameters(), "lr": 0.1}])
+opt.step = lambda *a: steps.append(1)
+ro = tstar.Rollouts(prompts, gens, torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 2), 4, 0)
+stats = tstar.ppo_update(model, head, opt, ro, cfg, tok.mask_token_id, tok.eos_token_id, torch.Generator().manual_seed(0))
+first = torch.cat([r for k, r in ratios if k == 0])
+mixed = dict(lm_head_dtypes=sorted(dtypes), first_ratios=len(first), ratio_one=bool(torch.equal(first, torch.ones_like(first))),
+             traj_gap=stats["traj_gap"])
 if rank == 0:
     with open(sys.argv[3], "w") as f:
-        json.dump(dict(plan=plan, sums=sums, caught=caught), f)
+        json.dump(dict(plan=plan, gpu_plan=gpu_plan, sums=sums, caught=caught, mixed=mixed, spans=every_span), f)
 torch.distributed.barrier()                       # (both done before either tears gloo down)
 torch.distributed.destroy_process_group()
 sys.stdout.flush()
@@ -1548,10 +1581,22 @@ def test_under_fsdp_the_memory_plan_counts_each_parameter_once_and_the_rollout_c
     n = sum(p.numel() for p in model.parameters())
     assert one["params"] == two["params"] == n and two["processes"] == 2
     assert two["line"].startswith(tstar.human(n, "") + " parameters")
-    assert two["state"] == one["state"] / 2 == 6 * n and two["grads"] == one["grads"] / 2
-    for key in ("copy", "per_row", "activations", "width"):
+    assert two["weights"] == one["weights"] / 2 == 2 * n and two["adam"] == one["adam"] / 2 == 4 * n
+    assert two["grads"] > one["grads"] == 4 * n          # (whole gradients accumulate until a minibatch's end)
+    for key in ("copy", "kv_row", "step_row", "micro_batch", "width"):
         assert two[key] == one[key], key
     assert two["rows"] >= one["rows"]                           # (less of the GPU goes to the training state)
+    # a GPU's plan: the free memory is read with the whole fp32 policy loaded; sharding will release half of it
+    gpu = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cuda"), True, True, False, free=free // 25)
+    per_row = gpu["kv_row"] + gpu["step_row"]
+    assert gpu["rows"] == int((0.9 * free // 25 - 12 * n - gpu["copy"]) // per_row) // 8 * 8 < 1024
+    assert got["gpu_plan"]["rows"] == int((0.9 * (free // 25 + 2 * n) - 6 * n - gpu["copy"]) // per_row) // 8 * 8
+    # the two processes of this machine loaded the model one after the other (one copy in host RAM at a time)
+    (a0, a1), (b0, b1) = [spans[0] for spans in got["spans"]]
+    assert a1 <= b0 or b1 <= a0
+    # bf16 mixed precision under FSDP: the weights gathered in bf16, the ratio at the first minibatch 1 exactly
+    mixed = got["mixed"]
+    assert mixed["lm_head_dtypes"] == ["torch.bfloat16"] and mixed["first_ratios"] > 10 and mixed["ratio_one"]
     assert len(got["sums"]) == 2 and got["sums"][0] == got["sums"][1]
     assert "rollout copies hold different weights" in got["caught"]
 
@@ -1564,16 +1609,91 @@ def test_the_memory_plan_uses_the_decoders_width_and_the_samplers_bytes_per_logi
                                                        free=5 * 10 ** 7)
     eager, graphs = plan(), plan(graphs=True)
     assert eager["width"] == 30 + 64 + 16 and graphs["width"] == tstar.KV_BUCKET     # whole buckets with graphs
-    assert graphs["per_row"] > eager["per_row"] and graphs["rows"] & (graphs["rows"] - 1) == 0   # a power of two
+    assert graphs["kv_row"] > eager["kv_row"] and graphs["rows"] & (graphs["rows"] - 1) == 0   # a power of two
     V = model.config.vocab_size
-    assert plan(top_p=0.9)["per_row"] - eager["per_row"] == 8 * V * 24               # top-p's sorted copies
-    kv = tstar.kv_cache_bytes_per_row(model.config, 110, torch.bfloat16)
-    assert eager["per_row"] == kv + 8 * V * (2 + 16)
-    # keeping the Decoder (CUDA graphs) reserves the gradients and activations: fewer rows than without
-    assert graphs["keep"] and not eager["keep"]
-    free_after = 0.9 * 5 * 10 ** 7 - 8 * eager["params"]
-    assert eager["rows"] == int(free_after // eager["per_row"]) // 8 * 8
-    assert graphs["rows"] <= int((free_after - graphs["grads"] - graphs["activations"]) // graphs["per_row"])
+    assert plan(top_p=0.9)["step_row"] - plan(rollout_temperature=1.0)["step_row"] == 8 * V * (33 - 12)   # top-p's sort
+    assert plan(temperature=0.0, rollout_temperature=0.0)["step_row"] == eager["step_row"] - 8 * V * (12 - 8)
+    assert eager["kv_row"] == tstar.kv_cache_bytes_per_row(model.config, 110, torch.bfloat16)
+    # keeping the Decoder (CUDA graphs) reserves the gradients, the micro-batch and the graphs: fewer rows
+    assert graphs["keep"] and not eager["keep"] and graphs["graphs"] > 0 == eager["graphs"]
+    budget = 0.9 * 5 * 10 ** 7 - eager["weights"] - eager["adam"]
+    assert eager["rows"] == int(budget // (eager["kv_row"] + eager["step_row"])) // 8 * 8
+    assert graphs["rows"] <= int((budget - graphs["grads"] - graphs["micro_batch"]) // graphs["kv_row"])
+    for p in (eager, graphs):                                   # both peaks within the 90% of the free memory
+        assert max(p["sampling"], p["training"]) <= 0.9 * 5 * 10 ** 7, p["line"]
+
+
+def live_bytes_peak(fn):
+    """The peak of bytes the CPU allocator holds while fn() runs, above what it held when fn started: every
+    allocation, those inside a kernel too (torch.multinomial's draw), from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action, MemoryProfile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = peak = 0
+    for _, action, _, n in MemoryProfile(prof.profiler.kineto_results).timeline:
+        live += n if action == Action.CREATE else -n if action == Action.DESTROY else 0
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="../shared/fixtures/sdar-tiny is absent")
+def test_the_memory_plan_is_at_least_what_a_sampler_step_and_a_trainer_micro_batch_allocate():
+    """At the fixture's shape (SDAR's vocabulary) the plan's figure for one denoising step of a bf16 copy (greedy,
+    sampling, top-p), one trainer micro-batch (old pass and update, under bf16 autocast), AdamW's step and the KV
+    cache is at least the measured peak of allocated bytes and at most 25% above it."""
+    policy, tok = tstar.load_model_and_tokenizer(str(FIXTURE))
+    config, V = policy.config, policy.config.vocab_size
+    rows, B = 8, 32
+    engine = tstar.Engine(policy, tok, torch.bfloat16, rows)
+    prompts = [tstar.encode_prompt(tok, f"What is {i}+1?") for i in range(rows)]
+    frame = tstar.padded_frame(prompts, B, 0, 64, 0, tok.eos_token_id, "cpu")
+    kv_bytes = live_bytes_peak(lambda: setattr(engine, "decoder", tstar.Decoder(engine.model, rows, frame.x.shape[1])))
+    decoder = engine.decoder
+    assert kv_bytes == rows * tstar.kv_cache_bytes_per_row(config, decoder.width, torch.bfloat16)
+    decoder.start(frame, B, 0)
+    c = frame.D + B                                              # a later block: 2B queries, all B positions masked
+    todo = frame.is_resp[:, c: c + B]
+    assert todo.all()
+    for settings in (dict(temperature=0.0, rollout_temperature=0.0), dict(), dict(top_p=0.9)):
+        cfg = tstar.finalize_config(tstar.Config(model=str(FIXTURE), **settings), set(settings))
+        T = cfg.rollout_temperature
+
+        def step():
+            with torch.no_grad():
+                h = decoder.step(frame, torch.where(todo, tok.mask_token_id, frame.x[:, c: c + B]), c, True)
+                tstar.propose(engine.model.lm_head(h[todo]), T, cfg.top_k, cfg.top_p, torch.Generator().manual_seed(0),
+                              tok.mask_token_id)
+        decoder.masks = {}                                       # (a fresh block: its masks are made again)
+        measured = live_bytes_peak(step)
+        planned = rows * tstar.step_bytes_per_row(cfg, config, B, decoder.width, 2)
+        assert measured <= planned <= 1.25 * measured, (settings, measured, planned)
+    # the trainer: one micro-batch of every trace round of 8 rollouts, bf16 autocast over fp32 weights
+    cfg = tstar.finalize_config(tstar.Config(model=str(FIXTURE), dtype="bfloat16", grad_checkpointing=False),
+                                {"grad_checkpointing"})
+    gens = engine.generate(prompts, generator=torch.Generator().manual_seed(0), **tstar.sampler_kwargs(cfg, 4, True) |
+                           dict(max_new_tokens=24))
+    tb = tstar.build_trace_batch(prompts, gens, range(rows), 4, 0, 1, tok.mask_token_id)
+    head = tstar.new_value_head(policy)
+    chunk = [list(range(len(tb.ids)))]
+    length, M = max(len(x) for x in tb.ids), len(tb.label)
+
+    def forward(grad):
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            for _, logp, values, ent in tstar.score_sequences(policy, head, tb, chunk, 4, 0, tok.eos_token_id, not grad):
+                if grad:
+                    (logp.sum() + values.sum()).backward()
+    forward(True)                                                # (the gradients exist: they are a term of their own)
+    planned = tstar.micro_batch_bytes(cfg, config, len(tb.ids), length, M, 2)
+    for grad in (False, True):
+        measured = live_bytes_peak(lambda: forward(grad))
+        assert measured <= planned <= 1.25 * measured, (grad, measured, planned)
+    opt = torch.optim.AdamW(policy.parameters(), foreach=True)
+    opt.step()                                                   # (its moments exist: a term of their own)
+    P = sum(p.numel() for p in policy.parameters())
+    measured = live_bytes_peak(opt.step)
+    planned = tstar.memory_plan(cfg, policy, [4], 30, torch.device("cpu"), True, False, False, free=10 ** 12)
+    assert measured <= planned["adam_step"] <= 1.25 * measured             # (4 P and a few scalars)
 
 
 def rope_model(max_positions=4096, theta=1e6):
@@ -1798,6 +1918,10 @@ def test_a_kept_decoder_captures_each_graph_shape_once_over_many_calls(tiny, mon
     assert [(g.ids, g.step_map) for g in second] == [(g.ids, g.step_map) for g in first]
     assert {rows for rows, _, _ in captures} <= {1, 2, 4}                   # compaction halves into known shapes
     assert all(keys % tstar.KV_BUCKET == 0 for _, _, keys in captures)       # keys in whole buckets
+    # the memory plan's graph term: each graph's tensors, and at least all of them together
+    held = {key: sum(t.nbytes for t in g.values() if isinstance(t, torch.Tensor)) for key, g in decoder.captured.items()}
+    assert held == {(r, q, k): tstar.graph_bytes(model.config, r, q, k, 4) for r, q, k in decoder.captured}
+    assert sum(held.values()) <= tstar.graphs_bytes(model.config, decoder.rows, [4], decoder.width, 4)
 
 
 def test_a_kept_decoder_is_released_before_a_larger_one_is_allocated(tiny, monkeypatch):

@@ -278,12 +278,13 @@ def step_quotas(m: torch.Tensor, K: int, remasking: str) -> torch.Tensor:
 def propose(logits, temperature: float, top_k: int, top_p: float, generator=None, mask_id: int | None = None):
     """A candidate token, its confidence and its log-prob for each masked position.
 
-    logits: (M, V). Greedy (temperature 0): candidate = argmax, confidence = softmax(logits)[argmax].
-    Otherwise the candidate is sampled from softmax(logits / T) restricted by top-k / top-p, and the
-    confidence is its probability under that distribution. The mask token is never a candidate. The
-    log-prob is under the model's own full distribution: the quantity the trainer recomputes."""
-    logits = logits.float()
-    logp_model = logits.log_softmax(-1)                                       # (M, V)
+    logits: (M, V). Greedy (temperature 0): candidate = argmax, confidence = its probability under softmax(logits)
+    (the mask token removed). Otherwise the candidate is sampled from softmax(logits / T) restricted by top-k /
+    top-p, and the confidence is its probability under that distribution. The mask token is never a candidate.
+    The log-prob is under the model's own full distribution: the quantity the trainer recomputes. At most three
+    (M, V) fp32 tensors are alive at once (more with top-p: propose_bytes_per_logit)."""
+    logits = logits.float()                                                   # (M, V)
+    log_z = logits.logsumexp(-1)                                              # (M,) log of the model's normaliser
     if mask_id is not None:
         logits = logits.index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
     if temperature == 0:
@@ -301,9 +302,10 @@ def propose(logits, temperature: float, top_k: int, top_p: float, generator=None
             drop = p_sorted.cumsum(-1) - p_sorted > top_p                     # mass before it already > p
             z = z.scatter(1, order, sorted_z.masked_fill(drop, float("-inf")))
         probs = z.softmax(-1)
+        del z                                                                 # (memory: see the docstring)
         cand = torch.multinomial(probs, 1, generator=generator).squeeze(1)     # (M,)
         conf = probs.gather(1, cand[:, None]).squeeze(1)
-    return cand, conf, logp_model.gather(1, cand[:, None]).squeeze(1)
+    return cand, conf, logits.gather(1, cand[:, None]).squeeze(1) - log_z      # log p(cand) = logit - log Z
 
 
 def choose_commits(todo, conf, quota, remasking: str, threshold: float):
@@ -2260,23 +2262,61 @@ def human(n: float, unit: str = "B") -> str:
         n /= 1000
 
 
-def propose_bytes_per_logit(cfg: Config, item: int) -> int:
-    """Peak bytes per (masked position, vocabulary entry) while a step proposes (propose): the logits in the
-    compute dtype (item bytes), their fp32 copy, the model's log-probs, the copy without the mask token and the
-    tempered or log-softmaxed one (4 bytes each), a top-k copy, and with top-p a sorted copy, its int64 order,
-    the sorted probabilities, their cumulative sums and their difference."""
-    return item + 16 + (4 if cfg.top_k else 0) + (24 if cfg.top_p < 1 else 0)
+def propose_bytes_per_logit(cfg: Config) -> int:
+    """Peak bytes per (masked position, vocabulary entry) while a step proposes, measured (test_the_memory_plan_
+    is_at_least_what_a_sampler_step_and_a_trainer_micro_batch_allocate): greedy, the fp32 logits and their log-
+    softmax (8); sampling, the logits, the probabilities and torch.multinomial's own draw (12), top-k's comparison
+    (+1); top-p, the logits, the tempered ones, a sorted copy, its int64 order, the sorted probabilities, their
+    cumulative sums and their difference (33)."""
+    if max(cfg.temperature, cfg.rollout_temperature) == 0:
+        return 8
+    return 33 if cfg.top_p < 1 else 12 + (cfg.top_k > 0)
 
 
-def training_activation_bytes(cfg: Config, config, tokens: int) -> float:
-    """Activations the backward of one micro-batch of `tokens` training tokens keeps, after Korthikanti et al.
-    (arXiv 2205.05198): ~34 bytes per token and hidden unit in each layer (bf16; SDPA's fused kernels keep no
-    attention scores). With gradient checkpointing a layer keeps only its fp32 input, and one layer at a time
-    is recomputed. Plus the fp32 logits of the micro-batch's targets (micro_batches), about three copies."""
-    per_layer = 34 * tokens * config.hidden_size
-    layers = (4 * tokens * config.hidden_size * config.num_hidden_layers + per_layer if cfg.grad_checkpointing
-              else per_layer * config.num_hidden_layers)
-    return layers + 3 * min(LOGIT_BYTES, 4 * tokens * config.vocab_size)
+def step_bytes_per_row(cfg: Config, config, block_size: int, width: int, item: int) -> int:
+    """What one denoising step allocates per row, beside the KV cache:
+        logits   B x vocab x propose_bytes_per_logit (measured)
+        masks    the block's two folded masks, G x (2B + B) queries x width keys in the compute dtype
+        forward  2B queries x (6 hidden + 3 intermediate) in the compute dtype (one layer's activations at a time;
+                 an estimate, small beside the logits)."""
+    G = config.num_attention_heads // config.num_key_value_heads
+    logits = block_size * config.vocab_size * propose_bytes_per_logit(cfg)
+    masks = G * 3 * block_size * width * item
+    forward = 2 * block_size * (6 * config.hidden_size + 3 * config.intermediate_size) * item
+    return logits + masks + forward
+
+
+def graph_bytes(config, rows: int, queries: int, keys: int, item: int) -> int:
+    """The tensors one captured CUDA graph keeps (Decoder.capture_graph): its folded mask (rows x G queries x keys),
+    its output hidden states (rows x queries x hidden), both in the compute dtype, and its int64 ids, positions
+    and slots."""
+    G = config.num_attention_heads // config.num_key_value_heads
+    return rows * queries * (G * keys * item + config.hidden_size * item + 16) + 8 * queries
+
+
+def graphs_bytes(config, rows: int, sizes: Sequence[int], width: int, item: int) -> int:
+    """Every graph a kept Decoder may capture over a run: rows in powers of two up to its capacity, B and 2B
+    queries for every block size, keys in whole KV_BUCKETs up to its width."""
+    row_buckets = [1 << k for k in range(rows.bit_length()) if 1 << k <= rows]
+    return sum(graph_bytes(config, r, q, KV_BUCKET * k, item) for r in row_buckets for B in sizes for q in (B, 2 * B)
+               for k in range(1, width // KV_BUCKET + 1))
+
+
+def micro_batch_bytes(cfg: Config, config, sequences: int, length: int, targets: int, item: int) -> float:
+    """What one trainer micro-batch of `sequences` padded to `length` tokens with `targets` targets allocates
+    beside the weights and gradients:
+        logits   targets x vocab x 12: three fp32 copies at the peak (measured, forward and backward)
+        masks    the block mask, bool, and SDPA's additive copy in the compute dtype: sequences x length^2 each
+        layers   after Korthikanti et al. (arXiv 2205.05198): ~34 bytes per token and hidden unit in each layer in
+                 bf16 (SDPA's fused kernels keep no attention scores); with gradient checkpointing each layer keeps
+                 its fp32 input and one layer is recomputed, at twice that (the residual stream stays fp32 under
+                 autocast). An estimate, not measured.
+        weight   the gradient of the largest weight (vocab x hidden, fp32) before it is added to .grad"""
+    tokens, H, L = sequences * length, config.hidden_size, config.num_hidden_layers
+    logits = 12 * targets * config.vocab_size
+    masks = sequences * length ** 2 * (1 + item)
+    layers = 4 * tokens * H * L + 2 * 34 * tokens * H if cfg.grad_checkpointing else 34 * tokens * H * L
+    return logits + masks + layers + 4 * config.vocab_size * H
 
 
 def free_memory(device) -> int | None:
@@ -2291,60 +2331,81 @@ def free_memory(device) -> int | None:
 
 def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, device, training: bool,
                 copy: bool, graphs: bool, free: int | None = None) -> dict:
-    """Rows per sampler call (--rollout-batch, or chosen here), whether the Engine keeps its Decoder between
-    calls (keep), and a one-line estimate per GPU (line):
-        training state  fp32 weights + AdamW's two moments, 12 bytes per parameter, / N under FSDP
-        gradients       4 bytes per parameter / N, and the activations of a micro-batch, while training
-        rollout copy    the weights in the compute dtype (bf16: 2 bytes per parameter), whole on every GPU
-        KV cache        rows x layers x 2 x kv heads x head dim x dtype bytes x the Decoder's width
-    plus per row the logits of a block (B x vocab x propose_bytes_per_logit) while a step proposes. The
-    gradients are freed before each rollout, so the two peaks do not add up, unless the Decoder stays (CUDA
-    graphs, kept where that costs less than half the rows): its KV cache then stays while the policy trains,
-    and the batch leaves room for them. On CUDA the automatic batch is as many rows as fit in 90% of the free
-    memory (`free`, read when None) beside what training will still allocate; on the CPU it is 256."""
-    n_params = sum(p.numel() for p in model.parameters())       # (a DTensor's numel is the whole tensor's)
-    n_proc = world()[1] if training else 1        # the processes FSDP splits the training state over
+    """Rows per sampler call (--rollout-batch, or chosen here), whether the Engine keeps its Decoder between calls
+    (keep), and the bytes per GPU of each term (P parameters, N processes, item bytes of the compute dtype):
+        weights      the policy: fp32 master weights when training (4 P / N), else item P
+        adam         AdamW's two fp32 moments (8 P / N), and its step's temporaries (4 P / N, measured)
+        copy         the rollout copy, item P, whole on every GPU
+        kv           rows x KV cache per row (kv_cache_bytes_per_row) at the Decoder's width
+        step         rows x step_bytes_per_row: the logits of a block while a step proposes
+        graphs       with a kept Decoder, every graph it may capture (graphs_bytes)
+        grads        4 P / N; under FSDP also 4 P whole, accumulated until a minibatch's last backward, and the
+                     gathered fp32 weights of the units in flight (the embedding and LM head, which FSDP2 keeps
+                     gathered from the forward to the backward, and two layers)
+        micro_batch  the largest micro-batch's activations and logits (micro_batch_bytes)
+    The gradients are freed before each rollout, so the two peaks do not add up:
+        sampling = weights + adam + copy + kv + step (+ graphs)
+        training = weights + adam + copy + grads + max(micro_batch, adam step) (+ kv + graphs if kept)
+    On CUDA the automatic batch is as many rows as fit both peaks in 90% of `free` (read when None: the free
+    memory now, with the policy loaded whole; under FSDP the part of it that shard() will release counts as
+    free); on the CPU it is 256. The Decoder is kept (graphs) where that costs less than half the rows."""
+    P = sum(p.numel() for p in model.parameters())       # (a DTensor's numel is the whole tensor's)
+    N = world()[1] if training else 1             # the processes FSDP splits the training state over
     config, dtype = model.config, compute_dtype(cfg, device)
     item = torch.empty((), dtype=dtype).element_size()
-    B = max(sizes)
+    B, V, H = max(sizes), config.vocab_size, config.hidden_size
     width = decoder_width(row_width(longest_prompt, cfg.max_new_tokens, B), graphs)
+    weights = (4 if training else item) * P / N
+    adam = 8 * P / N if training else 0
+    copy_bytes = item * P if copy else 0
     kv_row = kv_cache_bytes_per_row(config, width, dtype)
-    per_row = kv_row + B * config.vocab_size * propose_bytes_per_logit(cfg, item)
-    state = (12 if training else item) * n_params / n_proc
-    grads = 4 * n_params / n_proc if training else 0
-    tokens = cfg.micro_batch * (longest_prompt + 2 * (cfg.max_new_tokens + B))   # a micro-batch's, at most
-    acts = training_activation_bytes(cfg, config, tokens) if training else 0
-    copy_bytes = n_params * item if copy else 0
+    step_row = step_bytes_per_row(cfg, config, B, width, item)
+    layer = P / max(1, config.num_hidden_layers) if N > 1 else 0        # (an upper bound on one layer's weights)
+    grads = (4 * P / N + (4 * P + 4 * (2 * V * H + 2 * layer) if N > 1 else 0)) if training else 0
+    length = longest_prompt + 2 * (cfg.max_new_tokens + B)              # a training sequence, at most
+    targets = min(cfg.micro_batch * length, max(1, LOGIT_BYTES // (4 * V)))
+    adam_step = 4 * P / N + 1024                  # (the step's one temporary per weight, a few scalars)
+    micro = max(micro_batch_bytes(cfg, config, cfg.micro_batch, length, targets, item), adam_step) if training else 0
+    training_peak = weights + adam + copy_bytes + grads + micro
     rows, keep, note = cfg.rollout_batch, graphs, ""
     free = free_memory(device) if free is None else free
     if free is not None:
-        budget = 0.9 * free - (8 * n_params / n_proc if training else 0) - copy_bytes
-        fit, fit_kept = int(budget // per_row), int((budget - grads - acts) // per_row)
+        if training and N > 1:
+            free += 4 * P * (1 - 1 / N)                # (the whole fp32 policy now; 1/N of it after shard())
+        budget = 0.9 * free - weights - adam - copy_bytes
+        graph_row = 2 * graphs_bytes(config, 1, sizes, width, item)    # (rows 1, 2, 4, ... R sum to under 2 R)
+        fit = int(budget // (kv_row + step_row))
+        fit_kept = int(min((budget - grads - micro) // (kv_row + graph_row), budget // (kv_row + step_row + graph_row)))
         keep = graphs and fit_kept >= (rows or max(1, fit // 2))     # (not at the price of half the rows)
-        fit = fit_kept if keep else fit
+        fit = min(fit, fit_kept) if keep else fit
         if fit < 1:
-            raise UsageError(f"not even one rollout row fits: a row needs {human(per_row)} ({width} tokens), and "
-                             f"{human(max(budget, 0))} of the {human(free)} free remain beside training; "
-                             f"lower --max-new-tokens or use more GPUs")
+            raise UsageError(f"not even one rollout row fits: a row needs {human(kv_row + step_row)} ({width} "
+                             f"tokens), and {human(max(budget, 0))} of the {human(free)} free remain beside "
+                             f"training; lower --max-new-tokens or use more GPUs")
         for flag, n in (("--rollout-batch", rows), ("--eval-batch", cfg.eval_batch)):
             if n and n > fit:
-                raise UsageError(f"{flag} {n} needs {human(n * per_row)} for its KV cache and logits "
-                                 f"({human(per_row)} per row of {width} tokens); about {fit} rows fit in the "
-                                 f"{human(max(budget, 0))} left of {human(free)} free")
+                raise UsageError(f"{flag} {n} needs {human(n * (kv_row + step_row))} for its KV cache and logits "
+                                 f"({human(kv_row + step_row)} per row of {width} tokens); about {fit} rows fit in "
+                                 f"the {human(max(budget, 0))} left of {human(free)} free")
         if not rows and device.type == "cuda":
             rows = min(1024, fit if fit < 16 else fit // 8 * 8)
             note = f", chosen from {human(free)} free"
     rows = graph_capacity(rows or 256) if graphs else rows or 256      # (as the Engine will round it)
-    kv = rows * kv_row
-    shared = f" (/ {n_proc} processes)" if n_proc > 1 and training else ""
-    line = (f"{human(n_params, '')} parameters; per GPU: {'weights + AdamW' if training else 'weights'} "
-            f"{human(state)}{shared} + rollout copy {human(copy_bytes)} + KV cache {human(kv)} ({rows} rows x "
-            f"{width} tokens) = {human(state + copy_bytes + kv)} while sampling"
-            + (f"; gradients {human(grads)}{shared} + activations ~{human(acts)} while training" if training else "")
-            + f"; rollout batch {rows} rows{note}"
-            + ("; the KV cache and CUDA graphs stay between calls" if keep else ""))
-    return dict(params=n_params, processes=n_proc, state=state, grads=grads, activations=acts, copy=copy_bytes,
-                per_row=per_row, width=width, rows=rows, keep=keep, line=line)
+    kv, step = rows * kv_row, rows * step_row
+    graph = graphs_bytes(config, rows, sizes, width, item) if keep else 0
+    sampling_peak = weights + adam + copy_bytes + kv + step + graph
+    training_peak += kv + graph if keep else 0
+    shared = f" (/ {N} processes)" if N > 1 else ""
+    line = (f"{human(P, '')} parameters; per GPU{shared}: {'weights + AdamW' if training else 'weights'} "
+            f"{human(weights + adam)} + rollout copy {human(copy_bytes)} + KV cache {human(kv)} ({rows} rows x "
+            f"{width} tokens) + step logits {human(step)}" + (f" + CUDA graphs {human(graph)}" if keep else "")
+            + f" = {human(sampling_peak)} while sampling"
+            + (f"; gradients {human(grads)} + micro-batch ~{human(micro)} = {human(training_peak)} while training"
+               if training else "")
+            + f"; rollout batch {rows} rows{note}" + ("; the KV cache and CUDA graphs stay between calls" if keep else ""))
+    return dict(params=P, processes=N, weights=weights, adam=adam, copy=copy_bytes, kv_row=kv_row, step_row=step_row,
+                grads=grads, micro_batch=micro, adam_step=adam_step if training else 0, graphs=graph, width=width, rows=rows, keep=keep,
+                sampling=sampling_peak, training=training_peak, line=line)
 
 
 # ======================================================================================================
@@ -2456,19 +2517,42 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def shard(model, value_head, device) -> None:
-    """FSDP2 over all processes: units per decoder layer, the trunk, the LM head and the value head."""
+def shard(model, value_head, device, dtype: torch.dtype = torch.float32) -> None:
+    """FSDP2 over all processes: units per decoder layer, the trunk, the LM head and the value head. With a
+    compute dtype below fp32, the policy's units gather their weights in it (MixedPrecisionPolicy: half the
+    traffic, and the same bf16 values the rollout copy holds) and reduce gradients in fp32; the value head stays
+    fp32 throughout."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world()[1],))      # one flat group: every process holds 1/N
+    mixed = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     for layer in model.model.layers:              # a layer's weights are gathered just before its forward
-        fully_shard(layer, mesh=mesh)
-    for unit in (model.model, model.lm_head, value_head):    # called directly (hidden_states, forward_targets)
-        fully_shard(unit, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mixed)
+    for unit in (model.model, model.lm_head):     # called directly (hidden_states, forward_targets)
+        fully_shard(unit, mesh=mesh, mp_policy=mixed)
+    fully_shard(value_head, mesh=mesh)
     for unit in fsdp_units(model, value_head):    # gradients summed, not averaged: each loss is already divided
         unit.set_gradient_divide_factor(1.0)      # by the count over all processes (a global mean)
         unit.set_force_sum_reduction_for_comms(True)      # (a plain sum: gloo has no pre-multiplied one)
+
+
+def load_in_turns(model: str, device, dtype: torch.dtype):
+    """load_model_and_tokenizer on every process, those of one machine one at a time: each stages the whole model
+    in host RAM on its way to its device, and eight at once would hold eight copies (4B in fp32: 140 GB). A load
+    that fails stops every process (the failing one with its own message)."""
+    local, per_node = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    loaded = None
+    for turn in range(per_node if dist.is_initialized() else 1):
+        failed = None
+        if turn == local:
+            try:
+                loaded = load_model_and_tokenizer(model, device, dtype)
+            except UsageError as e:
+                failed = e
+        if dist_max(failed is not None):          # (a collective: every process learns of it, none waits forever)
+            raise failed or UsageError("")
+    return loaded
 
 
 def full_state_dict(module) -> dict:
@@ -2940,8 +3024,8 @@ def run(cfg: Config) -> None:
         dtype = compute_dtype(cfg, device)
         storage = dtype if cfg.eval_only else torch.float32        # training keeps fp32 master weights
         # (a config JSON: fp32 until the warm start is trained, which a bf16 AdamW would do badly)
-        model, tokenizer = load_model_and_tokenizer(cfg.model, device,
-                                                    torch.float32 if is_architecture_file(cfg.model) else storage)
+        model, tokenizer = load_in_turns(cfg.model, device,
+                                         torch.float32 if is_architecture_file(cfg.model) else storage)
         all_block_sizes = sorted({*cfg.curriculum, cfg.base_block_size, *cfg.eval_sizes})
         for B in all_block_sizes:
             check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
@@ -2970,7 +3054,7 @@ def run(cfg: Config) -> None:
             if cfg.grad_checkpointing:                 # (the method's name changed in transformers 5.x)
                 getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
             if sharded:
-                shard(model, value_head, device)
+                shard(model, value_head, device, dtype)
         engine = Engine(model, tokenizer, dtype, plan["rows"], graphs, frozen=cfg.eval_only, keep=plan["keep"],
                         width=plan["width"])      # (a frozen model may fuse its norms)
 
@@ -2987,7 +3071,7 @@ def starting_point(cfg: Config, model, tokenizer, train_problems, device, out: P
     stage; else the tiny model after its warm start, or a checkpoint as it is."""
     if done:                                      # (the warm start is not needed, nor retrained if gone)
         path = stage_dir(cfg, out, done)
-        model = load_model_and_tokenizer(str(path), device, torch.float32)[0]
+        model = load_in_turns(str(path), device, torch.float32)[0]
         if is_main():
             print(f"resuming after stage {done} from {path}")
         return model, load_value_head(model, path)
