@@ -1589,8 +1589,8 @@ def test_under_fsdp_the_memory_plan_counts_each_parameter_once_and_the_rollout_c
     # a GPU's plan: the free memory is read with the whole fp32 policy loaded; sharding will release half of it
     gpu = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cuda"), True, True, False, free=free // 25)
     per_row = gpu["kv_row"] + gpu["step_row"]
-    assert gpu["rows"] == int((0.9 * free // 25 - 12 * n - gpu["copy"]) // per_row) // 8 * 8 < 1024
-    assert got["gpu_plan"]["rows"] == int((0.9 * (free // 25 + 2 * n) - 6 * n - gpu["copy"]) // per_row) // 8 * 8
+    assert gpu["rows"] == int((0.9 * free // 25 - 8 * n - gpu["copy"]) // per_row) // 8 * 8 < 1024
+    assert got["gpu_plan"]["rows"] == int((0.9 * (free // 25 + 2 * n) - 4 * n - gpu["copy"]) // per_row) // 8 * 8
     # the two processes of this machine loaded the model one after the other (one copy in host RAM at a time)
     (a0, a1), (b0, b1) = [spans[0] for spans in got["spans"]]
     assert a1 <= b0 or b1 <= a0
@@ -1616,11 +1616,11 @@ def test_the_memory_plan_uses_the_decoders_width_and_the_samplers_bytes_per_logi
     assert eager["kv_row"] == tstar.kv_cache_bytes_per_row(model.config, 110, torch.bfloat16)
     # keeping the Decoder (CUDA graphs) reserves the gradients, the micro-batch and the graphs: fewer rows
     assert graphs["keep"] and not eager["keep"] and graphs["graphs"] > 0 == eager["graphs"]
-    budget = 0.9 * 5 * 10 ** 7 - eager["weights"] - eager["adam"]
+    budget = 0.9 * 5 * 10 ** 7 - eager["adam"]                 # (the weights are loaded: outside the free memory)
     assert eager["rows"] == int(budget // (eager["kv_row"] + eager["step_row"])) // 8 * 8
     assert graphs["rows"] <= int((budget - graphs["grads"] - graphs["micro_batch"]) // graphs["kv_row"])
     for p in (eager, graphs):                                   # both peaks within the 90% of the free memory
-        assert max(p["sampling"], p["training"]) <= 0.9 * 5 * 10 ** 7, p["line"]
+        assert max(p["sampling"], p["training"]) - p["weights"] <= 0.9 * 5 * 10 ** 7, p["line"]
 
 
 def live_bytes_peak(fn):

@@ -43,7 +43,8 @@ Where this file departs from the papers (choices where they are silent, and simp
     * PPO: --minibatches (2) optimizer steps per RL step; old log-probs from one pass before the first.
     * T*: shifted boundaries = offset B/2 for rollout and training of half of each stage's batches.
     * Direct baseline: as many stages and steps as T*, all at the last block size, fresh optimizers alike.
-    * GPU: fp32 master weights, bf16 autocast; rollouts from a bf16 copy, so log-probs differ by rounding.
+    * GPU: fp32 master weights, bf16 autocast (FSDP: weights gathered in bf16); rollouts from a bf16 copy, so
+      log-probs differ by rounding.
     * LocalStrict: the paper gives no formula; here, in-block adjacent pairs decoded in order (section 7).
 """
 
@@ -88,13 +89,15 @@ from tqdm.auto import tqdm  # noqa: E402
 #                              the sampler's batch laid out in one frame, and the forward passes the sampler
 #                              steps through it: an in-place KV cache (CUDA graphs with --compile)
 #     Engine, sampler_kwargs   what rollouts and evaluation sample from: the policy or its bf16 copy, in
-#                              batches of rows (Engine.generate runs generate below); the config's settings
+#                              batches of rows, stopping on the checkpoint's stop ids (Engine.generate runs
+#                              generate below); the config's settings
 #     micro_batches, score_sequences
 #                              the trainer's forwards over a TraceBatch, a micro-batch at a time
 #     autocast                 forward passes in the compute dtype (bf16 on a GPU)
-#     world, is_main, dist_sum, dist_max, global_mean, as_many_everywhere, clip_grad_norm
+#     world, is_main, dist_sum, dist_max, global_mean, as_many_everywhere, gradient_sync, clip_grad_norm
 #                              (rank, processes), rank 0, a sum / max / mean over the processes, as many
-#                              forwards on every process (FSDP's rule), the gradient norm
+#                              forwards on every process (FSDP's rule), whether FSDP sums the gradients after
+#                              the next backward, the gradient norm
 #     Recorder                 what a run keeps: metrics.jsonl, the console, plots, stage checkpoints
 # On one process (the CPU default) the process helpers are the identity, and the Engine is the policy.
 
@@ -2346,9 +2349,10 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
     The gradients are freed before each rollout, so the two peaks do not add up:
         sampling = weights + adam + copy + kv + step (+ graphs)
         training = weights + adam + copy + grads + max(micro_batch, adam step) (+ kv + graphs if kept)
-    On CUDA the automatic batch is as many rows as fit both peaks in 90% of `free` (read when None: the free
-    memory now, with the policy loaded whole; under FSDP the part of it that shard() will release counts as
-    free); on the CPU it is 256. The Decoder is kept (graphs) where that costs less than half the rows."""
+    On CUDA the automatic batch is as many rows as fit both peaks, beside the weights, in 90% of `free` (read
+    when None: the free memory now, with the policy loaded whole; under FSDP the part of it that shard() will
+    release counts as free); on the CPU it is 256. The Decoder is kept (graphs) where that costs less than half
+    the rows."""
     P = sum(p.numel() for p in model.parameters())       # (a DTensor's numel is the whole tensor's)
     N = world()[1] if training else 1             # the processes FSDP splits the training state over
     config, dtype = model.config, compute_dtype(cfg, device)
@@ -2372,7 +2376,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
     if free is not None:
         if training and N > 1:
             free += 4 * P * (1 - 1 / N)                # (the whole fp32 policy now; 1/N of it after shard())
-        budget = 0.9 * free - weights - adam - copy_bytes
+        budget = 0.9 * free - adam - copy_bytes        # (the weights are loaded: no longer free)
         graph_row = 2 * graphs_bytes(config, 1, sizes, width, item)    # (rows 1, 2, 4, ... R sum to under 2 R)
         fit = int(budget // (kv_row + step_row))
         fit_kept = int(min((budget - grads - micro) // (kv_row + graph_row), budget // (kv_row + step_row + graph_row)))
