@@ -821,10 +821,21 @@ def bad_inputs(tmp):
              "corrupt/config.json": "{not json", "stage-model/tstar.json": "{",
              "runs/corrupt-stage/stage1-B4/tstar.json": '{"config": ',
              "runs/corrupt-warm/warmstart/tstar.json": "",
-             "runs/backup/stage-old-B4/tstar.json": "{}", "runs/foreign-warm/warmstart/config.json": "{}"}
+             "runs/backup/stage-old-B4/tstar.json": "{}", "runs/foreign-warm/warmstart/config.json": "{}",
+             # shapes the architecture cannot take
+             "kv.json": json.dumps({**tiny_config, "num_key_value_heads": 3}),
+             "odd-head.json": json.dumps({**tiny_config, "head_dim": 15}),
+             "no-head-dim.json": json.dumps({**{k: v for k, v in tiny_config.items() if k != "head_dim"},
+                                             "hidden_size": 66}),
+             "bad-rope.json": json.dumps({**tiny_config, "rope_scaling": {"rope_type": "linear"}}),
+             # results of earlier runs; damaged files of tstar's own
+             "runs/evaluated/eval.json": "[]", "runs/tabled/results.md": "| model |\n",
+             "runs/list-stage/stage1-B4/tstar.json": "[]", "list-model/config.json": json.dumps(tiny_config),
+             "list-model/tstar.json": "[1]"}
     for name, text in files.items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_text(text)
+    (tmp / "bad-utf8.jsonl").write_bytes(b'{"question": "1+1?", "answer": "2"}\n{"question": "\xff\xfe", "answer": "3"}\n')
     (tmp / "dir.jsonl").mkdir()
     model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
     tstar.save_checkpoint(tmp / "no-weights", model, tok)
@@ -835,6 +846,21 @@ def bad_inputs(tmp):
     (tmp / "runs/warm-without-weights/warmstart/model.safetensors").unlink()        # ... that lost its weights
     tstar.save_checkpoint(tmp / "runs/finished/warmstart", model, tok,                # a finished run's warm start
                           info=dict(task="toy", settings=tstar.warm_start_settings(default)))
+    tstar.save_checkpoint(tmp / "cut", model, tok)                                  # weights cut short
+    weights_file = tmp / "cut" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    small = ["--train-size", "40", "--prompts-per-step", "4"]
+    for run, damage in (("odd-log", "metrics.jsonl"), ("cut-head", "value_head.safetensors")):   # stage 1, then ...
+        out = tmp / "runs" / run
+        cfg = tstar.finalize_config(*tstar.parse_args(small + ["--out-dir", str(out)]))
+        tstar.save_checkpoint(out / "stage1-B4", model, tok, tstar.new_value_head(model),
+                              info=dict(task="toy", stage=1, block_size=4, config=dataclasses.asdict(cfg)))
+        (out / "metrics.jsonl").write_text('{"kind": "eval", "stage": 0}\n')
+        if damage == "metrics.jsonl":                                             # ... a log line that is JSON,
+            (out / damage).write_text('{"kind": "eval", "stage": 0}\n[1, 2]\n{"kind": "eval", "stage": 1}\n')
+        else:                                                                     # ... or a value head cut short
+            head = out / "stage1-B4" / damage
+            head.write_bytes(head.read_bytes()[:40])
 
 
 def disk(tmp):
@@ -847,9 +873,9 @@ def disk(tmp):
     (["--model", ""], "--model is empty"),
     (["--model", "{tmp}/list.json"], "list.json is not a model config: it holds a JSON list"),
     (["--model", "{tmp}/negative.json"], "negative.json: hidden_size must be a positive integer, got -64"),
-    (["--model", "{tmp}/corrupt"], "corrupt/config.json is not valid JSON"),
+    (["--model", "{tmp}/corrupt"], "corrupt/config.json cannot be read (JSONDecodeError: Expecting property name"),
     (["--model", "{tmp}/tied.json"], "tied.json ties its LM head to its input embedding"),
-    (["--model", "{tmp}/no-weights"], "cannot load"),
+    (["--model", "{tmp}/no-weights"], "no-weights cannot be read (OSError: Error no file named model.safetensors"),
     (["--model", "{tmp}/stage-model"], "stage-model/tstar.json cannot be read back"),
     (["--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
     (["--device", "CPU"], "--device must be auto, cpu, cuda or cuda:N, got 'CPU'"),
@@ -875,16 +901,34 @@ def disk(tmp):
     (["--eval-datasets", "{tmp}/malformed.jsonl"], "malformed.jsonl cannot be read as JSONL"),
     (["--eval-datasets", "{tmp}/malformed.parquet"], "malformed.parquet cannot be read as PARQUET"),
     (["--eval-datasets", "{tmp}/dir.jsonl"], "dir.jsonl is a directory, not a .jsonl file"),
-    (["--eval-datasets", "{tmp}/null-question.jsonl"], "null-question.jsonl: row 1 has no question (found None)"),
+    (["--eval-datasets", "{tmp}/null-question.jsonl"], "null-question.jsonl: row 1 has no question (found null)"),
     (["--eval-datasets", "{tmp}/empty-question.jsonl"], "empty-question.jsonl: row 1 has no question"),
-    (["--eval-datasets", "{tmp}/no-answer.jsonl"], "no-answer.jsonl: row 2 has no answer (found None)"),
+    (["--eval-datasets", "{tmp}/no-answer.jsonl"], "no-answer.jsonl: row 2 has no answer (found null)"),
     (["--eval-datasets", "{tmp}/a/test.jsonl,{tmp}/b/test.jsonl"], "share the name 'test'"),
     (["--out-dir", "{tmp}/plain.txt"], "plain.txt is a file, not a directory"),
     (["--out-dir", ""], "--out-dir is empty"),
     (["--out-dir", "{tmp}/runs/corrupt-stage", "--resume"], "stage1-B4/tstar.json cannot be read back"),
     (["--out-dir", "{tmp}/runs/corrupt-warm"], "warmstart/tstar.json cannot be read back"),
     (["--out-dir", "{tmp}/runs/backup", "--resume"], "no finished stage"),
-    (["--out-dir", "{tmp}/runs/warm-without-weights"], "cannot load"),
+    (["--out-dir", "{tmp}/runs/warm-without-weights"], "warmstart cannot be read (OSError: Error no file named"),
+    # every file tstar reads passes one boundary: damage nobody listed is one line naming the file
+    (["--eval-datasets", "{tmp}/bad-utf8.jsonl"], "bad-utf8.jsonl cannot be read (UnicodeDecodeError: 'utf-8' codec"),
+    (["--model", "{tmp}/cut"], "cut cannot be read (SafetensorError: Error while deserializing header"),
+    (["--model", "{tmp}/list-model"], "list-model/tstar.json cannot be read back (ValueError: a JSON list, not an object)"),
+    (["--out-dir", "{tmp}/runs/list-stage", "--resume"], "tstar.json cannot be read back (ValueError: a JSON list"),
+    (["--out-dir", "{tmp}/runs/odd-log", "--resume", "--train-size", "40", "--prompts-per-step", "4"],
+     "metrics.jsonl cannot be read back (ValueError: line 2 is not a record of tstar's): delete that line"),
+    (["--out-dir", "{tmp}/runs/cut-head", "--resume", "--train-size", "40", "--prompts-per-step", "4"],
+     "value_head.safetensors cannot be read back (SafetensorError"),
+    # shapes the architecture cannot take: at load, not in the first forward
+    (["--model", "{tmp}/kv.json"], "kv.json: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    (["--model", "{tmp}/odd-head.json"], "odd-head.json is not a valid Qwen3 config (RoPE requires an even rotary dim"),
+    (["--model", "{tmp}/no-head-dim.json"], "no-head-dim.json: hidden_size 66 is not a multiple of num_attention_heads 4"),
+    (["--model", "{tmp}/bad-rope.json"], "bad-rope.json is not a valid Qwen3 config (Missing required keys in `rope_par"),
+    # results already on disk are never replaced; an out dir that cannot be written
+    (["--out-dir", "{tmp}/runs/evaluated", "--eval-only"], "holds the results of an earlier evaluation (eval.json)"),
+    (["--out-dir", "{tmp}/runs/tabled"], "holds the results of an earlier run (results.md)"),
+    (["--out-dir", "/proc/self", "--eval-only"], "--out-dir /proc/self cannot be written"),
     (["--out-dir", "{tmp}/runs/foreign-warm"], "warmstart exists but is not a warm start tstar finished"),
     (["--out-dir", "{tmp}/runs/finished", "--eval-only", "--warm-start-steps", "3"],
      "is a warm start made with other settings (steps 600 then, 3 now)"),
@@ -922,6 +966,40 @@ def test_bad_input_is_one_line_before_any_work_and_changes_nothing_on_disk(tmp_p
     assert err.startswith("tstar: error:") and message in err and "\n" not in err, err
     assert not captured.out.strip() or captured.out.startswith("config:"), captured.out
     assert disk(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_under_torchrun_a_usage_error_is_printed_once_and_every_process_exits_2(tmp_path, monkeypatch, capsys):
+    done = torchrun(2, HERE / "tstar.py", "--lr", "-1", "--out-dir", tmp_path / "out", timeout=240, threads=1)
+    assert done.returncode != 0 and done.stderr.count("tstar: error:") == 1, done.stderr[-2000:]
+    assert "tstar: error: --lr must be > 0, got -1.0" in done.stderr and "exitcode  : 2" in done.stderr
+    for rank, printed in (("1", ""), ("0", "tstar: error: --lr must be > 0, got -1.0\n")):   # (torchrun stops the
+        monkeypatch.setenv("RANK", rank)                                                  # others at the first exit)
+        assert tstar.main(["--lr", "-1", "--out-dir", str(tmp_path / "out")]) == 2
+        assert capsys.readouterr().err == printed
+
+
+def test_the_default_model_is_the_file_beside_tstar_from_any_working_directory(tmp_path, monkeypatch, tiny_warm_start):
+    monkeypatch.chdir(tmp_path)                                   # (no tiny_config.json here)
+    assert tstar.finalize_config(*tstar.parse_args([])).model == str((HERE / "tiny_config.json").resolve())
+    assert tstar.finalize_config(*tstar.parse_args(["--model", "tiny_config.json"])).model == "tiny_config.json"
+    out = tiny_warm_start(tmp_path / "run")
+    assert tstar.main(TINY + ["--device", "cpu", "--eval-only", "--eval-block-sizes", "4", "--out-dir", out]) == 0
+    assert (tmp_path / "run" / "eval.json").is_file()
+    # and a second evaluation into the same out dir leaves the first one's results as they are
+    before = (tmp_path / "run" / "eval.json").read_bytes()
+    assert tstar.main(TINY + ["--device", "cpu", "--eval-only", "--eval-block-sizes", "8", "--out-dir", out]) == 2
+    assert (tmp_path / "run" / "eval.json").read_bytes() == before
+
+
+def test_a_library_cache_that_cannot_be_written_is_named_with_the_variable_that_moves_it(tmp_path, monkeypatch, capsys):
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", "/proc/self/hf-cache")     # (root can write anywhere else)
+    data = write_problems(tmp_path / "data.jsonl", GSM8K_ROWS)
+    assert tstar.main(["--eval-only", "--eval-datasets", data, "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tstar: error: the cache directory /proc/self/hf-cache cannot be written (")
+    assert err.endswith("set HF_DATASETS_CACHE to a directory that can") and "data.jsonl" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_is_grouped_by_section_and_lists_choices(capsys):
@@ -1135,7 +1213,7 @@ def test_a_warm_start_trained_under_torchrun_is_shared_by_the_processes(tmp_path
 def test_more_torchrun_processes_than_gpus_is_a_clear_error(tmp_path):
     n = torch.cuda.device_count() + 1
     done = torchrun(n, HERE / "tstar.py", "--device", "cuda", "--out-dir", tmp_path)
-    assert done.returncode != 0 and done.stderr.count("tstar: error: torchrun started") == n
+    assert done.returncode != 0 and done.stderr.count("tstar: error: torchrun started") == 1
     assert "tstar.py\", line" not in done.stderr        # (torchrun adds its own report of the failed children)
 
 

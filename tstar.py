@@ -1106,6 +1106,42 @@ class UsageError(Exception):
     """Bad input from the user: main() prints the message as one line and exits with code 2."""
 
 
+@contextlib.contextmanager
+def reading(path, fix: str = "", own: bool = False):
+    """The one boundary for every file tstar reads but did not just write: data, model configs and weights,
+    tokenizers, and its own files (own=True) after a person edited them. Whatever goes wrong inside (a parse
+    error, bytes that are not UTF-8, a weights file cut short, a record of the wrong shape) is one line of error
+    naming the file and what is wrong, with `fix`, what to do; a library's cache directory that cannot be
+    written is named as such (cache_failure). Nothing is written before it."""
+    try:
+        yield
+    except (UsageError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:
+        what = (getattr(e, "msg", None) if isinstance(e, json.JSONDecodeError) else None) or str(e).strip()
+        what = f"{type(e).__name__}: {what.splitlines()[0][:200]}" if what else type(e).__name__
+        message = f"{path} cannot be read{' back' if own else ''} ({what})" + (f": {fix}" if fix else "")
+        raise UsageError(cache_failure(e) or message) from None
+
+
+def cache_failure(error: BaseException) -> str | None:
+    """The message for a failure to write a library's cache (e.g. a home directory that cannot be written), which
+    names the directory and the variable that moves it; None for any other error."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    caches = ((datasets.config.HF_DATASETS_CACHE, "HF_DATASETS_CACHE"), (hub.HF_HUB_CACHE, "HF_HUB_CACHE"),
+              (hub.HF_HOME, "HF_HOME"))
+    while error is not None:
+        name = getattr(error, "filename", None)
+        for cache, variable in caches:
+            if isinstance(error, OSError) and name and str(name).startswith(str(cache)):
+                return (f"the cache directory {cache} cannot be written ({error.strerror or type(error).__name__}): "
+                        f"set {variable} to a directory that can")
+        error = error.__cause__ or error.__context__
+    return None
+
+
 @dataclass
 class Config:
     # --- run ---
@@ -1316,6 +1352,8 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
     check every setting: one clear error for the first bad one."""
     if not cfg.model.strip():
         raise UsageError("--model is empty: give a config JSON, a checkpoint directory or a hub id")
+    if "model" not in given and cfg.model == Config.model:      # the project's own file, wherever tstar runs from
+        cfg = dataclasses.replace(cfg, model=str(Path(__file__).resolve().with_name(Config.model)))
     if not is_toy_model(cfg.model):
         cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
     for f in dataclasses.fields(cfg):
@@ -1418,7 +1456,18 @@ def qwen3_config(config_dict: dict, name: str = "the model"):
         value = kwargs.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UsageError(f"{name}: {key} must be a positive integer, got {value!r}")
-    config = Qwen3Config(**kwargs)
+    try:                                       # transformers' own checks (value types, RoPE parameters)
+        config = Qwen3Config(**kwargs)
+    except Exception as e:                     # (its validators' errors come wrapped: the cause says what)
+        why = str(e.__cause__ or e).strip().strip('"')
+        raise UsageError(f"{name} is not a valid Qwen3 config ({why.splitlines()[0][:200]})") from None
+    # what the architecture needs, which transformers would only find in the first forward
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    if heads % kv_heads:
+        raise UsageError(f"{name}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    if kwargs.get("head_dim") is None and config.hidden_size % heads:
+        raise UsageError(f"{name}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads {heads} "
+                         f"(and no head_dim is given)")
     if config.tie_word_embeddings:             # (the rollout copy and the FSDP units take the head as its own weight)
         raise UsageError(f"{name} ties its LM head to its input embedding (tie_word_embeddings): tstar trains "
                          f"untied heads, as SDAR's checkpoints have")
@@ -1503,10 +1552,8 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
     if is_architecture_file(model):
         if not path.is_file():
             raise UsageError(f"no such config file: {model}")
-        try:
+        with reading(model):
             config = qwen3_config(json.loads(path.read_text()), model)
-        except (TypeError, ValueError) as e:          # (a JSONDecodeError is a ValueError)
-            raise UsageError(f"{model} is not a valid model config: {e}") from None
         config._attn_implementation = register_attention()
         tokenizer = char_tokenizer()
         if config.vocab_size < len(tokenizer):
@@ -1518,26 +1565,23 @@ def load_model_and_tokenizer(model: str, device: str | torch.device = "cpu", dty
                              f"save_pretrained directories (its own stage checkpoints are whole: stageN-B*/)")
         if path.exists() and not (path / "config.json").is_file():
             raise UsageError(f"{model} is not a checkpoint directory (no config.json in it)")
-        if path.is_dir():
-            try:
-                json.loads((path / "config.json").read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise UsageError(f"{path / 'config.json'} is not valid JSON ({e})") from None
         looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
         if not path.exists() and looks_local:
             raise UsageError(f"no such model directory: {model}")
-        try:
-            config_dict, _ = PretrainedConfig.get_config_dict(model)
-        except OSError:
-            raise UsageError(f"cannot load {model!r}: not a local directory, and the hub could not be reached "
-                             f"or has no such model; download it and pass the local directory") from None
-        config = qwen3_config(config_dict, model)
-        try:
+        if path.is_dir():
+            with reading(path / "config.json"):
+                config = qwen3_config(json.loads((path / "config.json").read_text()), model)
+        else:                                          # a hub id
+            try:
+                config = qwen3_config(PretrainedConfig.get_config_dict(model)[0], model)
+            except OSError as e:
+                raise UsageError(cache_failure(e) or f"cannot load {model!r}: not a local directory, and the hub could "
+                                 f"not be reached or has no such model; download it and pass the local directory"
+                                 ) from None
+        with reading(model):                     # (weights missing or cut short, tokenizer files, a download)
             net = Qwen3ForCausalLM.from_pretrained(model, config=config, dtype=dtype,
                                                    attn_implementation=register_attention())
             tokenizer = AutoTokenizer.from_pretrained(model, config=config, trust_remote_code=False)
-        except (OSError, ValueError) as e:          # (no weights, no tokenizer files, a failed download)
-            raise UsageError(f"cannot load {model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if tokenizer.mask_token_id is None:
         raise UsageError(f"the tokenizer of {model} has no mask token: it is not a masked diffusion model")
     if tokenizer.eos_token_id is None:
@@ -1790,7 +1834,7 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
             ds = load_dataset(kind, data_files=str(path), split="train")
         except Exception as e:                          # the loader's own error is many lines deep
             cause = e.__cause__ or e
-            raise UsageError(f"dataset file {name} cannot be read as {path.suffix[1:].upper()} "
+            raise UsageError(cache_failure(e) or f"dataset file {name} cannot be read as {path.suffix[1:].upper()} "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from None
         if len(ds) == 0:
             raise UsageError(f"dataset file {name} has no rows")
@@ -1816,12 +1860,14 @@ def load_problems(name: str, limit: int = 0) -> list[dict]:
     if limit:                                     # --eval-limit: the first N problems
         ds = ds.select(range(min(limit, len(ds))))
     question, answer = fields
-    for i, (q, a) in enumerate(zip(ds[question], ds[answer])):      # a row a problem can be made of
+    with reading(name):                           # (the rows are decoded here: bytes that are not UTF-8, ...)
+        rows = list(zip(ds[question], ds[answer]))
+    for i, (q, a) in enumerate(rows):             # a row a problem can be made of
         if not isinstance(q, str) or not q.strip():
-            raise UsageError(f"{name}: row {i + 1} has no {question} (found {q!r})")
+            raise UsageError(f"{name}: row {i + 1} has no {question} (found {json_text(q)})")
         if a is None or not str(a).strip():
-            raise UsageError(f"{name}: row {i + 1} has no {answer} (found {a!r})")
-    return [math_problem(q, a) for q, a in zip(ds[question], ds[answer])]
+            raise UsageError(f"{name}: row {i + 1} has no {answer} (found {json_text(a)})")
+    return [math_problem(q, a) for q, a in rows]
 
 
 def load_task(cfg: Config):
@@ -2554,8 +2600,12 @@ def load_in_turns(model: str, device, dtype: torch.dtype):
                 loaded = load_model_and_tokenizer(model, device, dtype)
             except UsageError as e:
                 failed = e
+        if failed and not dist.is_initialized():
+            raise failed
         if dist_max(failed is not None):          # (a collective: every process learns of it, none waits forever)
-            raise failed or UsageError("")
+            messages = [None] * world()[1]
+            dist.all_gather_object(messages, str(failed) if failed else None)
+            raise UsageError(next(m for m in messages if m))
     return loaded
 
 
@@ -2635,13 +2685,14 @@ def idle_forward(model, value_head, pad_id: int, entropy: bool):
 # (warm_started), a finished stage only with --resume and the same settings (stages_done).
 
 
-def read_json(path: Path, fix: str):
-    """A JSON file tstar wrote (a checkpoint's tstar.json, ...). One that cannot be read back was damaged
-    outside tstar: one line of error naming it and `fix`, what to do."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} cannot be read back ({getattr(e, 'msg', '') or type(e).__name__}): {fix}") from None
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object tstar wrote (a checkpoint's tstar.json, ...). One that cannot be read back was damaged
+    outside tstar: one line of error naming it and `fix`, what to do (reading)."""
+    with reading(path, fix, own=True):
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return data
 
 
 def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | None = None) -> None:
@@ -2672,7 +2723,8 @@ def load_value_head(model, path: Path) -> torch.nn.Linear:
     head, file = new_value_head(model), path / "value_head.safetensors"
     if not file.is_file():                        # (save_checkpoint writes it before tstar.json: lost since)
         raise UsageError(f"{file} is missing: delete {path} and run again (--resume if a stage is left)")
-    head.load_state_dict(load_file(str(file)))
+    with reading(file, f"delete {path} and run again (--resume if a stage is left)", own=True):
+        head.load_state_dict(load_file(str(file)))
     return head
 
 
@@ -2747,7 +2799,11 @@ def claimed_out_dir(cfg: Config):
         yield out
         return
     try:
-        with open(out / "tstar.lock", "a+") as f:
+        try:
+            lock = open(out / "tstar.lock", "a+")
+        except OSError as e:
+            raise UsageError(f"--out-dir {out} cannot be written ({e.strerror or type(e).__name__})") from None
+        with lock as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -2773,6 +2829,21 @@ def finished_stages(out: Path) -> list[Path]:
     writes it last); other names (a backup copy such as stage-old-B4/) are not stages of a run."""
     found = [p.parent for p in out.glob("stage*-B*/tstar.json") if STAGE_DIR.fullmatch(p.parent.name)]
     return sorted(found, key=lambda p: int(STAGE_DIR.fullmatch(p.name)[1]))
+
+
+RESULTS = ("eval.json", "eval.jsonl", "results.md", "curves.png")     # what a finished run or evaluation leaves
+
+
+def no_results_replaced(cfg: Config, out: Path) -> None:
+    """Results on disk are never replaced: an --eval-only into an out dir that holds an evaluation, or a fresh
+    training run into one that holds a finished run's table, stops with one line before any work. (A resumed
+    run writes its table again, from the records it keeps; the log of a run interrupted before its first stage
+    is started over by the same command.)"""
+    mine = RESULTS[:2] if cfg.eval_only else () if cfg.resume else RESULTS[2:]
+    found = [name for name in mine if (out / name).exists()]
+    if found:
+        raise UsageError(f"{out} holds the results of an earlier {'evaluation' if cfg.eval_only else 'run'} "
+                         f"({', '.join(found)}): choose another --out-dir, or move them away")
 
 
 def stages_done(cfg: Config, out: Path) -> int:
@@ -2836,18 +2907,22 @@ class Recorder:
         self.cfg, self.out, self.tokenizer, self.path = cfg, out, tokenizer, out / log_name
         self.records = []                         # every record of this run (for the table and the plots)
         if keep_stages_below is not None and self.path.is_file():   # a resumed run: its finished stages' lines
-            lines = self.path.read_text(errors="replace").splitlines()
-            for i, line in enumerate(lines):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    if i == len(lines) - 1:       # cut by an interrupted write: a line of the unfinished stage
-                        break
-                    raise UsageError(f"{self.path} line {i + 1} cannot be read back: delete that line (or the "
-                                     f"file: the resumed run's table then starts at stage {keep_stages_below})"
-                                     ) from None
-                if record["stage"] < keep_stages_below:
-                    self.records.append(record)
+            fix = (f"delete that line (or the file: the resumed run's table then starts at stage "
+                   f"{keep_stages_below})")
+            with reading(self.path, fix, own=True):
+                lines = self.path.read_text().splitlines()
+                for i, line in enumerate(lines):
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        if i == len(lines) - 1:   # cut by an interrupted write: a line of the unfinished stage
+                            break
+                        raise ValueError(f"line {i + 1} is not JSON") from None
+                    if not (isinstance(record, dict) and type(record.get("stage")) is int
+                            and record.get("kind") in ("train", "eval")):
+                        raise ValueError(f"line {i + 1} is not a record of tstar's")
+                    if record["stage"] < keep_stages_below:
+                        self.records.append(record)
         if is_main():                             # rewritten: the kept lines only (a fresh run: none)
             self.path.write_text("".join(json_text(r) + "\n" for r in self.records))
 
@@ -3021,6 +3096,7 @@ def run(cfg: Config) -> None:
     torch.manual_seed(seed_for(cfg.seed))         # the tiny model's initial weights
     with claimed_out_dir(cfg) as out, deterministic(device.type == "cuda"):   # this run alone writes into out
         done = stages_done(cfg, out)              # stages an earlier run finished (--resume), else 0
+        no_results_replaced(cfg, out)
         if is_main():
             print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in DERIVED))
 
@@ -3106,8 +3182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, given = parse_args(argv)             # given: the flags set on the command line (they beat the preset)
         cfg = finalize_config(cfg, given)
         run(cfg)
-    except UsageError as e:
-        print(f"tstar: error: {e}", file=sys.stderr)
+    except UsageError as e:                       # (every process of torchrun exits 2; rank 0 says why, once)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"tstar: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                     # (the lock is released on the way out: claimed_out_dir)
         hint = ""
