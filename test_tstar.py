@@ -272,6 +272,24 @@ def test_block_mask_hand_worked_offset_half_block():
     assert m.int().tolist() == expected
 
 
+def test_the_packed_layout_and_its_mask_are_section_5s_worked_example():
+    """B = 2, prompt "ab", response x y z w with step map [1 2 | 3 3]: copies c1 (block 1, round 1), c2 (block 2,
+    round 1), c3 (block 1, round 2, x visible), and the mask of the picture in section 5."""
+    a, b, x, y, z, w, M = 10, 11, 20, 21, 22, 23, 1
+    g = tstar.Generation(ids=[x, y, z, w], step_map=[1, 2, 3, 3], logprobs=[0.0] * 4, nfe=3, n_tokens=4, stopped=True,
+                         prompt_len=2, offset=0)
+    tb = tstar.build_trace_batch([[a, b]], [g], [0], 2, 0, 1, M)
+    assert tb.ids[0].tolist() == [a, b, x, y, z, w, M, M, M, M, x, M]
+    assert tb.pos[0].tolist() == [0, 1, 2, 3, 4, 5, 2, 3, 4, 5, 2, 3]
+    assert tb.noisy[0].tolist() == [0] * 6 + [1, 1, 2, 2, 3, 3]
+    assert tb.col.tolist() == [6, 8, 9, 11] and tb.label.tolist() == [x, z, w, y] and tb.round.tolist() == [0, 0, 0, 1]
+    pos, noisy = tb.pos[0][None], tb.noisy[0][None]
+    mask = tstar.block_attention_mask(pos, noisy, pos, noisy, torch.ones_like(noisy, dtype=torch.bool), 2)[0, 0]
+    picture = ["11..........", "11..........", "1111........", "1111........", "111111......", "111111......",
+               "11....11....", "11....11....", "1111....11..", "1111....11..", "11........11", "11........11"]
+    assert ["".join(".1"[int(v)] for v in row) for row in mask] == picture
+
+
 def test_block_mask_padding_is_never_seen_and_sees_only_itself():
     pos = torch.tensor([[0, 1, 2, 0]])
     noisy = torch.zeros(1, 4, dtype=torch.bool)
@@ -363,10 +381,101 @@ def test_a_trace_batch_takes_its_rounds_from_trace_rounds_with_the_given_shrink(
     s = [1, 1, 2, 1, 3, 5, 4, 6, 7, 7, 7, 7]                    # the hand-worked step map above: 4 rounds, or 2
     g = tstar.Generation(ids=list(range(5, 17)), step_map=s, logprobs=[0.0] * 12, nfe=7, n_tokens=12, stopped=True,
                          prompt_len=0, offset=0)
-    for shrink, n_rounds in ((1, 4), (2, 2)):
+    for shrink, n_copies in ((1, 2 + 4 + 1), (2, 1 + 2 + 1)):      # per block: its rounds (block 2: 4, or 2)
         tb = tstar.build_trace_batch([[]], [g], [0], 4, 0, shrink, 1)
         round_of = tstar.trace_rounds(s, 4, shrink=shrink)[0].int().argmax(0)           # (L,) each token's round
-        assert len(tb.ids) == n_rounds and tb.round.tolist() == round_of[tb.token].tolist()
+        assert len(tb.ids) == 1 and int(tb.noisy[0].max()) == n_copies and len(tb.ids[0]) == 12 + 4 * n_copies
+        assert tb.round.tolist() == round_of[tb.token].tolist()
+
+
+def per_round_trace_batch(prompts, gens, samples, block_size, offset, shrink, mask_id):
+    """The obvious layout beside section 5's packed one: one sequence per (sample, round), [prompt | clean response
+    | noisy copy of every block], the warm start's diffusion_layout with the round's masks."""
+    seqs, targets = [], []
+    for j in samples:
+        g = gens[j]
+        response = torch.tensor(g.ids, dtype=torch.long)
+        tgt, masked = tstar.trace_rounds(g.step_map, block_size, offset, g.prompt_len, shrink)      # (R, L)
+        ids, pos, noisy, col = tstar.diffusion_layout(torch.tensor(prompts[j], dtype=torch.long), response, masked,
+                                                      block_size, offset, mask_id)
+        for r in range(len(tgt)):
+            i = tgt[r].nonzero()[:, 0]
+            seqs.append((ids[r], pos[r], noisy[r]))
+            targets.append(torch.stack([col[i], torch.full_like(i, j), i, torch.full_like(i, r)], 1))
+    col, sample, token, rnd = torch.cat(targets).unbind(1)
+    field = lambda name, dtype: torch.tensor([getattr(gens[j], name)[i] for j, i in zip(sample.tolist(), token.tolist())],  # noqa: E731
+                                             dtype=dtype)
+    counts = torch.tensor([len(t) for t in targets])
+    return tstar.TraceBatch([a for a, _, _ in seqs], [b for _, b, _ in seqs], [c for _, _, c in seqs],
+                            torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]), col,
+                            field("ids", torch.long), sample, token, rnd, field("step_map", torch.long),
+                            field("logprobs", torch.float))
+
+
+def scored(model, head, tb, B, offset, pad_id):
+    """{(sample, token): (log-prob, entropy, value)} of every target of a TraceBatch, in micro-batches of 512 tokens."""
+    out = {}
+    chunks = tstar.micro_batches(tb, range(len(tb.ids)), (512, 10 ** 6))
+    with torch.no_grad():
+        for tgt, logp, values, ent in tstar.score_sequences(model, head, tb, chunks, B, offset, pad_id, entropy=True):
+            for k, t in enumerate(tgt.tolist()):
+                out[int(tb.sample[t]), int(tb.token[t])] = (float(logp[k]), float(ent[k]), float(values[k]))
+    return out
+
+
+@pytest.mark.parametrize("shrink", [1, 2])
+@pytest.mark.parametrize("source,B", [("tiny", 8), ("fixture", 4)])
+def test_the_packed_layout_gives_every_target_the_log_prob_entropy_and_value_of_the_per_round_layout(source, B, shrink):
+    """Section 5's packed layout against one sequence per (sample, round), at offsets 0 and B/2, prompts of mixed
+    lengths, rows stopping at different blocks: every target's log-prob, entropy and value agree to 1e-5 (fp32),
+    on fewer tokens; and cut into several sequences by a small budget, the same again."""
+    if source == "fixture" and not FIXTURE.is_dir():
+        pytest.skip("../shared/fixtures/sdar-tiny is absent")
+    torch.manual_seed(0)
+    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json" if source == "tiny" else FIXTURE))
+    head = tstar.new_value_head(model)
+    torch.nn.init.normal_(head.weight)
+    questions = PROMPTS if source == "tiny" else ["What is 1+1?", "Name a prime number below twenty, please.", "Hi"]
+    prompts = [tstar.encode_prompt(tok, q) for q in questions for _ in range(2)]
+    stops = STOPS if source == "tiny" else [IM_END]
+    for offset in (0, B // 2):
+        gens = tstar.Engine(model, tok, torch.float32, 16).generate(
+            prompts, generator=torch.Generator().manual_seed(offset), stop_ids=stops, block_size=B, offset=offset,
+            temperature=1.0, threshold=0.5 if source == "tiny" else 0.9, max_new_tokens=3 * B)
+        assert len({len(g.ids) for g in gens}) > 1 and any(len(set(g.step_map)) > 2 for g in gens)
+        args = (prompts, gens, range(len(gens)), B, offset, shrink, tok.mask_token_id)
+        packed, per_round = tstar.build_trace_batch(*args), per_round_trace_batch(*args)
+        want = scored(model, head, per_round, B, offset, tok.eos_token_id)
+        assert len(packed.ids) == len(gens) and sum(map(len, packed.ids)) < sum(map(len, per_round.ids))
+        for tb in (packed, tstar.build_trace_batch(*args, budget=(2 * max(map(len, prompts)) + 5 * B, 10 ** 6))):
+            got = scored(model, head, tb, B, offset, tok.eos_token_id)
+            assert got.keys() == want.keys() and len(want) == sum(len(g.ids) for g in gens)
+            assert max(abs(a - b) for k in want for a, b in zip(got[k], want[k])) <= 1e-5
+        assert len(tb.ids) > len(gens)                            # (the small budget cut samples into pieces)
+
+
+@pytest.mark.parametrize("advantage", ["gae", "group"])
+def test_one_ppo_step_on_the_packed_layout_moves_the_weights_as_on_the_per_round_layout(tiny, monkeypatch, advantage):
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS[:3] for _ in range(4)]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0, threshold=0.5),
+                          generator=torch.Generator().manual_seed(2))
+    ro = tstar.Rollouts(prompts, gens, torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]]), 4, 0)
+    weights = {}
+    for layout in ("packed", "per round"):
+        torch.manual_seed(0)
+        policy, _ = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
+        head = tstar.new_value_head(policy)
+        opt = torch.optim.SGD([{"params": policy.parameters(), "lr": 0.5}, {"params": head.parameters(), "lr": 0.5}])
+        if layout == "per round":
+            monkeypatch.setattr(tstar, "build_trace_batch", lambda *a: per_round_trace_batch(*a[:7]))
+        tstar.ppo_update(policy, head, opt, ro, rl_config(group_size=4, grad_clip=100.0, advantage=advantage),
+                         tok.mask_token_id, tok.eos_token_id, torch.Generator().manual_seed(0))
+        weights[layout] = {**policy.state_dict(), **{"head." + k: v for k, v in head.state_dict().items()}}
+    start = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))[0].state_dict()
+    a, b = weights.values()
+    assert max((a[k] - start[k]).abs().max() for k in start) > 1e-3                     # the step moved the weights
+    assert max((a[k] - b[k]).abs().max() for k in a) <= 1e-6
 
 
 @pytest.mark.parametrize("threshold", [0.9, 0.008])      # (the random tiny model is ~1/128 confident)
@@ -386,7 +495,7 @@ def test_training_layout_reproduces_the_sampler_logprobs(tiny, B, offset, thresh
     assert len(tb.label) == sum(len(g.ids) for g in gens)          # every token is a target exactly once
     logp = torch.full((len(tb.label),), float("nan"))
     with torch.no_grad():
-        chunks = tstar.micro_batches(tb, range(len(tb.ids)), 7, model.config.vocab_size)
+        chunks = tstar.micro_batches(tb, range(len(tb.ids)), (200, 10 ** 6))
         for tgt, lp, _, _ in tstar.score_sequences(model, None, tb, chunks, B, offset,
                                                 tok.eos_token_id):
             logp[tgt] = lp
@@ -459,7 +568,7 @@ def test_group_advantages_are_z_scores_and_drop_groups_that_agree():
 
 
 def rl_config(**kw):
-    base = dict(group_size=4, minibatches=1, micro_batch=16, lr=1e-3, value_lr=1e-2, max_new_tokens=24)
+    base = dict(group_size=4, minibatches=1, micro_batch_tokens=1024, lr=1e-3, value_lr=1e-2, max_new_tokens=24)
     base.update(kw)
     return tstar.Config(**base)
 
@@ -1147,7 +1256,7 @@ head = tstar.new_value_head(model)
 if size > 1:
     tstar.shard(model, head, torch.device("cpu"))
 opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.5}, {"params": head.parameters(), "lr": 0.5}])
-cfg = tstar.Config(group_size=G, minibatches=1, micro_batch=3, grad_clip=100.0, advantage=sys.argv[4])
+cfg = tstar.Config(group_size=G, minibatches=1, micro_batch_tokens=150, grad_clip=100.0, advantage=sys.argv[4])
 reductions, micro = [], []                           # FSDP's reduce-scatters, the update's micro-batches
 real_reduce, real_score = torch.distributed.reduce_scatter_single, tstar.score_sequences
 torch.distributed.reduce_scatter_single = lambda *a, **k: reductions.append(1) or real_reduce(*a, **k)
@@ -1595,7 +1704,7 @@ torch.distributed.all_gather_object(every_span, spans)
 head = tstar.new_value_head(model)
 if size > 1:
     tstar.shard(model, head, torch.device("cpu"))
-cfg = tstar.finalize_config(tstar.Config(micro_batch=4), set())
+cfg = tstar.finalize_config(tstar.Config(micro_batch_tokens=256), set())
 plan = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cpu"), True, True, True, free=int(sys.argv[2]))
 sampler = tstar.Engine(model, tok, torch.float32, 8)
 sums = tstar.check_in_sync(sampler)
@@ -1621,7 +1730,7 @@ dtypes, ratios, steps = set(), [], []
 model.lm_head.register_forward_pre_hook(lambda m, args: dtypes.add(str(m.weight.dtype)))
 real = tstar.ppo_token_loss
 tstar.ppo_token_loss = lambda *a: (lambda out: ratios.append((len(steps), out[1].detach())) or out)(real(*a))
-cfg = tstar.Config(group_size=4, minibatches=2, micro_batch=3, dtype="bfloat16", max_new_tokens=24)
+cfg = tstar.Config(group_size=4, minibatches=2, micro_batch_tokens=200, dtype="bfloat16", max_new_tokens=24)
 prompts = [tok.encode(q) for q in ("a3 b7=", "a1=", "x", "a0 b9 c2=")[rank::2] for _ in range(4)]
 gens = tstar.Engine(model, tok, torch.float32, 8).generate(prompts, generator=torch.Generator().manual_seed(rank),
                                                           stop_ids=list(range(3, 30)),
@@ -1653,7 +1762,7 @@ def test_under_fsdp_the_memory_plan_counts_each_parameter_once_and_the_rollout_c
     done = torchrun(2, tmp_path / "worker.py", HERE / "tiny_config.json", free, tmp_path / "out.json")
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads((tmp_path / "out.json").read_text())
-    cfg = tstar.finalize_config(tstar.Config(micro_batch=4), set())
+    cfg = tstar.finalize_config(tstar.Config(micro_batch_tokens=256), set())
     one = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cpu"), True, True, True, free=free)
     two = got["plan"]
     n = sum(p.numel() for p in model.parameters())
@@ -1682,7 +1791,7 @@ def test_under_fsdp_the_memory_plan_counts_each_parameter_once_and_the_rollout_c
 def test_the_memory_plan_uses_the_decoders_width_and_the_samplers_bytes_per_logit(tiny):
     """The plan of a GPU run (bf16; the free memory given, so no CUDA call is made)."""
     model, _ = tiny
-    plan = lambda graphs=False, **kw: tstar.memory_plan(tstar.finalize_config(tstar.Config(micro_batch=4, **kw), set()),  # noqa: E731
+    plan = lambda graphs=False, **kw: tstar.memory_plan(tstar.finalize_config(tstar.Config(micro_batch_tokens=256, **kw), set()),  # noqa: E731
                                                        model, [4, 8], 30, torch.device("cuda"), True, False, graphs,
                                                        free=5 * 10 ** 7)
     eager, graphs = plan(), plan(graphs=True)
@@ -1886,7 +1995,7 @@ def test_the_ratio_is_exactly_one_at_the_first_minibatch_under_bf16_autocast(tin
     head = tstar.new_value_head(model)
     opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.0}, {"params": head.parameters(), "lr": 0.0}])
     monkeypatch.setattr(opt, "step", lambda *a: steps.append(1))
-    cfg = rl_config(group_size=4, minibatches=2, micro_batch=3, dtype="bfloat16")
+    cfg = rl_config(group_size=4, minibatches=2, micro_batch_tokens=200, dtype="bfloat16")
     assert tstar.compute_dtype(cfg, torch.device("cpu")) == torch.bfloat16
     tstar.ppo_update(model, head, opt, tstar.Rollouts(prompts, gens, rewards, 4, 0), cfg, tok.mask_token_id,
                      tok.eos_token_id, torch.Generator().manual_seed(0))
@@ -1909,14 +2018,16 @@ def test_the_value_head_runs_in_fp32_under_bf16_autocast(tiny):
     assert torch.equal(values, (h.float() @ head.weight.T + head.bias).squeeze(-1))
 
 
-def test_micro_batches_hold_at_most_micro_batch_sequences_and_the_logit_budget(monkeypatch):
-    tb = tstar.TraceBatch([], [], [], torch.tensor([0, 3, 8, 9, 13, 20]), *(torch.zeros(20, dtype=torch.long)
-                          for _ in range(6)), sampler_logp=torch.zeros(20))      # targets per sequence: 3 5 1 4 7
-    monkeypatch.setattr(tstar, "LOGIT_BYTES", 4 * 10 * 6)                         # vocab 10: at most 6 targets
-    assert tstar.micro_batches(tb, range(5), 3, 10) == [[0], [1, 2], [3], [4]]    # (7 targets: alone)
-    assert tstar.micro_batches(tb, [2, 0, 3], 2, 10) == [[2, 0], [3]]
-    monkeypatch.setattr(tstar, "LOGIT_BYTES", 2 ** 30)
-    assert tstar.micro_batches(tb, range(5), 2, 10) == [[0, 1], [2, 3], [4]]
+def test_micro_batches_hold_at_most_their_tokens_padded_and_the_logit_budget(monkeypatch):
+    lengths = [10, 40, 25, 30, 12]                                                  # tokens per sequence
+    tb = tstar.TraceBatch([torch.zeros(n) for n in lengths], None, None, torch.tensor([0, 3, 8, 9, 13, 20]),
+                          *(torch.zeros(20, dtype=torch.long) for _ in range(6)), sampler_logp=torch.zeros(20))
+    # targets per sequence: 3 5 1 4 7; longest first: 1 (40), 3 (30), 2 (25), 4 (12), 0 (10)
+    assert tstar.micro_batches(tb, range(5), (60, 100)) == [[1], [3, 2], [4, 0]]      # 2 x 30 <= 60 < 3 x 30
+    assert tstar.micro_batches(tb, range(5), (100, 100)) == [[1, 3], [2, 4, 0]]       # 3 x 25 <= 100
+    assert tstar.micro_batches(tb, range(5), (100, 8)) == [[1], [3, 2], [4], [0]]     # (7 targets: alone)
+    assert tstar.micro_batches(tb, [0, 4], (5, 100)) == [[4], [0]]                    # each over budget: alone
+    assert tstar.trainer_budget(tstar.Config(micro_batch_tokens=77), 10) == (77, 2 ** 30 // 40)
 
 
 def test_micro_batches_cut_by_targets_give_the_log_probs_of_larger_ones(tiny, monkeypatch):
@@ -1926,7 +2037,7 @@ def test_micro_batches_cut_by_targets_give_the_log_probs_of_larger_ones(tiny, mo
     tb = tstar.build_trace_batch(prompts, gens, range(len(gens)), 4, 0, 1, tok.mask_token_id)
 
     def scores():
-        chunks = tstar.micro_batches(tb, range(len(tb.ids)), 64, model.config.vocab_size)
+        chunks = tstar.micro_batches(tb, range(len(tb.ids)), tstar.trainer_budget(tstar.Config(), model.config.vocab_size))
         out = torch.full((len(tb.label),), float("nan"))
         with torch.no_grad():
             for tgt, logp, _, _ in tstar.score_sequences(model, None, tb, chunks, 4, 0, tok.eos_token_id):
@@ -2220,13 +2331,14 @@ def test_the_logged_entropy_is_the_entropy_of_the_policy_at_the_targets(tiny):
     assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-5) and (ent > 0).all()
 
 
-def test_the_trainer_forwards_at_most_micro_batch_sequences_at_a_time(every_token_stops, monkeypatch):
-    sizes = []
+def test_the_trainer_forwards_at_most_micro_batch_tokens_at_a_time(every_token_stops, monkeypatch):
+    shapes = []
     real = tstar.forward_targets
-    monkeypatch.setattr(tstar, "forward_targets", lambda model, ids, *a, **k: sizes.append(ids.shape[0]) or
+    monkeypatch.setattr(tstar, "forward_targets", lambda model, ids, *a, **k: shapes.append(ids.shape) or
                         real(model, ids, *a, **k))
-    model, head, before, stats = one_rl_step(text_parity_reward, micro_batch=2, minibatches=1)
-    assert stats["kept"] > 0 and max(sizes) == 2 and len(sizes) >= 4
+    model, head, before, stats = one_rl_step(text_parity_reward, micro_batch_tokens=60, minibatches=1)
+    assert stats["kept"] > 0 and len(shapes) >= 4
+    assert max(n * T for n, T in shapes) <= 60 and max(n for n, _ in shapes) >= 2     # (padding counted)
 
 
 def test_the_value_head_moves_toward_the_returns(tiny):

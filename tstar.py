@@ -153,10 +153,12 @@ def toy_reward(response: str, question: str) -> float:
 # b(p) = floor((p - offset) / B).
 #
 # One mask builder serves the sampler, the warm start and the trainer. Every token is either clean (a
-# finalized token) or noisy (a token of the block being denoised, some of them masks). Rules:
+# finalized token) or noisy (a token of a block being denoised, some of them masks); a noisy token belongs to
+# one noisy copy c >= 1 (the sampler has one; the trainer packs several copies of blocks into one sequence,
+# section 5), a clean token to none (c = 0). Rules:
 #     clean query i may see clean key j  iff  b(j) <= b(i)                 (block-causal)
 #     noisy query i may see clean key j  iff  b(j) <  b(i)                 (finished blocks before it)
-#                       and noisy key j  iff  b(j) == b(i)                 (its own block, bidirectional)
+#                       and noisy key j  iff  b(j) == b(i), c(j) == c(i)   (its own copy, bidirectional)
 # Padding keys are never seen; a padding query sees only itself (a query that may see nothing is a NaN source
 # on some attention kernels). The sampler's current block is the noisy part and its KV cache the clean part;
 # training sequences are [clean sequence | noisy copy of the response blocks]. Example, B = 2, offset 0: clean
@@ -186,15 +188,15 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
                          q_start: int | None = None):
     """Boolean attention mask (batch, 1, Lq, Lk), True = may attend.
 
-    q_pos, q_noisy: (batch, Lq) positions and noisy flags of the queries, which are the keys
-    q_start .. q_start + Lq - 1 (default: the last Lq keys).
-    k_pos, k_noisy, k_valid: (batch, Lk) positions, noisy flags and real-token flags of the keys."""
+    q_pos, q_noisy: (batch, Lq) positions and noisy copies c of the queries (0 = clean; a bool flag is copy 1),
+    which are the keys q_start .. q_start + Lq - 1 (default: the last Lq keys).
+    k_pos, k_noisy, k_valid: (batch, Lk) positions, noisy copies and real-token flags of the keys."""
     bq = block_index(q_pos, block_size, offset)[:, :, None]                 # (batch, Lq, 1)
     bk = block_index(k_pos, block_size, offset)[:, None, :]                 # (batch, 1, Lk)
-    kn = k_noisy[:, None, :]                                                # (batch, 1, Lk)
-    sees_clean_query = ~kn & (bk <= bq)
-    sees_noisy_query = (~kn & (bk < bq)) | (kn & (bk == bq))
-    allow = torch.where(q_noisy[:, :, None], sees_noisy_query, sees_clean_query) & k_valid[:, None, :]
+    cq, ck = q_noisy.long()[:, :, None], k_noisy.long()[:, None, :]         # copies: (batch, Lq, 1), (batch, 1, Lk)
+    sees_clean_query = (ck == 0) & (bk <= bq)
+    sees_noisy_query = ((ck == 0) & (bk < bq)) | ((ck == cq) & (bk == bq))
+    allow = torch.where(cq > 0, sees_noisy_query, sees_clean_query) & k_valid[:, None, :]
     Lq, Lk = q_pos.shape[1], k_pos.shape[1]
     q_start = Lk - Lq if q_start is None else q_start
     arange = torch.arange(Lk, device=allow.device)
@@ -541,6 +543,26 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
 # (block 2's steps are 3, 4, 5, 6: in round 1 step 3 is the target and the rest masked, and so on.) shrink s
 # merges each run of s consecutive distinct steps of a block into one round: its targets are predicted
 # together from the state before the run (s = 1 reproduces the trajectory exactly).
+#
+# The training layout. The obvious one (the warm start's, section 4) is one sequence per round, [prompt |
+# clean response | noisy copy of every block]: R rounds cost R (P + 2L) tokens, though the prompt and the
+# clean response are the same in every round, and in round r only the blocks with a target need a noisy copy
+# (a noisy block sees the clean blocks before it and itself, never another noisy block). So each sample is
+# laid out once, [prompt | clean response | one noisy copy per (round, block with a target in it)], each copy
+# at its block's positions and with its own copy id c (section 2): P + L + B x (the blocks' steps) tokens,
+# the same logits at every target. Example, B = 2, prompt "ab", response x y z w, step map [1 2 | 3 3]
+# (round 1: x, and z w together; round 2: y, with x visible). Copies: c1 = block 1 in round 1, c2 = block 2 in
+# round 1, c3 = block 1 in round 2; 1 = the query may see the key:
+#                              keys  a b x y z w | c1: M M | c2: M M | c3: x M
+#     positions                      0 1 2 3 4 5 |     2 3 |     4 5 |     2 3
+#     queries a b      (clean)       1 1 . . . . |     . . |     . . |     . .
+#     queries x y      (clean)       1 1 1 1 . . |     . . |     . . |     . .
+#     queries z w      (clean)       1 1 1 1 1 1 |     . . |     . . |     . .
+#     copy c1: M M     (targets x)   1 1 . . . . |     1 1 |     . . |     . .
+#     copy c2: M M     (targets z w) 1 1 1 1 . . |     . . |     1 1 |     . .
+#     copy c3: x M     (target y)    1 1 . . . . |     . . |     . . |     1 1
+# 12 tokens where one sequence per round takes 2 x 10. A sample whose copies would make a sequence longer than
+# --micro-batch-tokens is cut into several such sequences, each with its own prompt and clean response.
 
 
 def trace_rounds(step_map: Sequence[int], block_size: int, offset: int = 0, prompt_len: int = 0,
@@ -562,14 +584,14 @@ def trace_rounds(step_map: Sequence[int], block_size: int, offset: int = 0, prom
 
 @dataclass
 class TraceBatch:
-    """Training sequences of a rollout batch, one per (sample, round), and their targets.
+    """Training sequences of a rollout batch (the packed layout above: one per sample, or a few) and their targets.
 
     Target arrays are flat over the whole batch and ordered by sequence: the targets of sequence k are
-    ptr[k]:ptr[k+1]. A sample with R rounds makes R sequences; every response token is the target of exactly
-    one of them (the round of its step), so a batch's targets are its samples' tokens, each once."""
-    ids: list                    # per sequence: (T,) tokens of [prompt | clean response | noisy copy]
+    ptr[k]:ptr[k+1]. Every response token is the target of exactly one noisy copy (the round of its step), so a
+    batch's targets are its samples' tokens, each once."""
+    ids: list                    # per sequence: (T,) tokens of [prompt | clean response | noisy copies]
     pos: list                    # per sequence: (T,) positions
-    noisy: list                  # per sequence: (T,) noisy flags
+    noisy: list                  # per sequence: (T,) noisy copy ids (0 = clean)
     ptr: torch.Tensor            # (n_seq + 1,)
     col: torch.Tensor            # (M,) column of the target in its sequence
     label: torch.Tensor          # (M,) target token
@@ -585,34 +607,58 @@ class TraceBatch:
                          [torch.zeros(0, dtype=torch.long)])
 
 
+def noisy_copies(prompt, response, targets, masked, block_size: int, offset: int, mask_id: int):
+    """The noisy copies of one sample (section 5): for every round r and block with a target in it, in round
+    order, (ids, pos, token) of the copy and the response tokens it targets. prompt (P,), response (L,);
+    targets, masked (R, L) from trace_rounds. A copy of the first block carries the prompt's tail, unmasked, as
+    the sampler's first block did."""
+    P, L = len(prompt), len(response)
+    blocks = response_blocks(P, L, block_size, offset)                            # (L,)
+    copies = []
+    for r in range(targets.shape[0]):
+        for k in blocks[targets[r]].unique().tolist():
+            i = (blocks == k).nonzero()[:, 0]                                     # the block's response tokens
+            start = block_start(P + int(i[0]), block_size, offset)                # (< P: the prompt's tail)
+            ids = torch.cat([prompt[start:P], torch.where(masked[r, i], mask_id, response[i])])
+            copies.append((ids, torch.arange(start, P + int(i[-1]) + 1), i[targets[r, i]]))
+    return copies
+
+
 def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int], block_size: int, offset: int,
-                      shrink: int, mask_id: int) -> TraceBatch:
-    """Trace rounds of the chosen samples laid out for training: one sequence per (sample, round), each
-    [prompt | clean response | noisy copy] with the round's masks in the noisy copy and the round's tokens as
-    targets. The layout uses the rollout's own offset, so every noisy block sees exactly what the sampler saw
-    when it committed the targets."""
-    ids, pos, noisy, cols, labels, sample, token, rnds, steps, lps, counts = [], [], [], [], [], [], [], [], [], [], []
+                      shrink: int, mask_id: int, budget: tuple[int, int] | None = None) -> TraceBatch:
+    """Trace rounds of the chosen samples in the packed layout (section 5): per sample [prompt | clean response |
+    its noisy copies], cut into several sequences where one would exceed the budget of a forward, (tokens,
+    targets) (each holds at least one copy). The layout uses the rollout's own offset, so every noisy block sees
+    exactly what the sampler saw when it committed the targets."""
+    max_tokens, max_targets = budget or (math.inf, math.inf)
+    sequences = []               # each: its pieces (ids, pos, copy id), its length, its targets (col, sample, token, round)
     for j in samples:
         g = gens[j]
-        response = torch.tensor(g.ids, dtype=torch.long)
-        targets, masked = trace_rounds(g.step_map, block_size, offset, g.prompt_len, shrink)    # (R, L)
-        r_ids, r_pos, r_noisy, col = diffusion_layout(torch.tensor(prompts[j], dtype=torch.long), response, masked,
-                                                      block_size, offset, mask_id)
-        ids += list(r_ids)
-        pos += list(r_pos)
-        noisy += list(r_noisy)
-        rnd, i = targets.nonzero(as_tuple=True)                                   # (round, token) pairs, row-major
-        counts.append(targets.sum(1))
-        cols.append(col[i])
-        labels.append(response[i])
-        sample.append(torch.full_like(i, j))
-        token.append(i)
-        rnds.append(rnd)
-        steps.append(torch.tensor(g.step_map)[i])
-        lps.append(torch.tensor(g.logprobs)[i])
-    cat = lambda xs, dtype=torch.long: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype)  # noqa: E731
-    return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), cat(counts).cumsum(0)]),
-                      cat(cols), cat(labels), cat(sample), cat(token), cat(rnds), cat(steps), cat(lps, torch.float))
+        prompt, response = torch.tensor(prompts[j], dtype=torch.long), torch.tensor(g.ids, dtype=torch.long)
+        P, L = len(prompt), len(response)
+        targets, masked = trace_rounds(g.step_map, block_size, offset, P, shrink)               # (R, L)
+        round_of = targets.long().argmax(0)                                                     # (L,)
+        clean = (torch.cat([prompt, response]), torch.arange(P + L), torch.zeros(P + L, dtype=torch.long))
+        seq = None
+        for ids, pos, tokens in noisy_copies(prompt, response, targets, masked, block_size, offset, mask_id):
+            if seq is None or seq["length"] + len(ids) > max_tokens or seq["n"] + len(tokens) > max_targets:
+                seq = dict(pieces=[clean], length=P + L, targets=[], n=0)                    # a new sequence
+                sequences.append(seq)
+            col = seq["length"] + P + tokens - pos[0]                            # the targets' columns
+            seq["targets"].append(torch.stack([col, torch.full_like(col, j), tokens, round_of[tokens]], 1))
+            seq["pieces"].append((ids, pos, torch.full_like(ids, len(seq["pieces"]))))   # copy ids 1, 2, ...
+            seq["length"] += len(ids)
+            seq["n"] += len(tokens)
+    ids, pos, noisy = ([torch.cat([piece[f] for piece in seq["pieces"]]) for seq in sequences] for f in range(3))
+    flat = torch.cat([t for seq in sequences for t in seq["targets"]] or [torch.zeros(0, 4, dtype=torch.long)])
+    col, sample, token, rnd = flat.unbind(1)                                                    # (M,) each
+
+    def per_target(field: str, dtype) -> torch.Tensor:      # a field of each target's Generation, (M,)
+        return torch.tensor([getattr(gens[j], field)[i] for j, i in zip(sample.tolist(), token.tolist())], dtype=dtype)
+    counts = torch.tensor([seq["n"] for seq in sequences], dtype=torch.long)
+    return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]), col,
+                      per_target("ids", torch.long), sample, token, rnd, per_target("step_map", torch.long),
+                      per_target("logprobs", torch.float))
 
 
 # ======================================================================================================
@@ -856,12 +902,12 @@ def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward
     return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
 
 
-def minibatch_plan(tb: TraceBatch, cfg: Config, vocab_size: int, shuffle) -> list[list[list[int]]]:
+def minibatch_plan(tb: TraceBatch, cfg: Config, budget: tuple[int, int], shuffle) -> list[list[list[int]]]:
     """The training sequences in --minibatches shuffled shares, each cut into micro-batches (lists of sequence
     indices, one forward each). The old pass and the update forward these same groups: kernels in bf16 are not
     batch-invariant, and other padded lengths would make the ratio at the first minibatch other than 1."""
     order = torch.randperm(len(tb.ids), generator=shuffle).tolist()
-    return [as_many_everywhere(micro_batches(tb, mb.tolist(), cfg.micro_batch, vocab_size))
+    return [as_many_everywhere(micro_batches(tb, mb.tolist(), budget))
             for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches)]
 
 
@@ -932,7 +978,8 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
          "grad_norm", "value_loss")))
 
     # 2. the states the sampler visited, as training sequences
-    tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id)
+    budget = trainer_budget(cfg, policy.config.vocab_size)          # (tokens, targets) of one forward
+    tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id, budget)
     M = len(tb.label)
     n_targets = dist_sum(M)
     if n_targets == 0:                           # no prompt with signal on any process: nothing to learn
@@ -941,7 +988,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     # 3. old log-probs and values: the pre-update weights, the same layout. The trajectory gap |log p_old -
     #    log p_sampler| per target is ~1e-8 when the policy samples itself (fp32), a rounding error with a
     #    bf16 rollout copy: its mean, the share above 0.1 and its largest value are logged.
-    plan = minibatch_plan(tb, cfg, policy.config.vocab_size, shuffle)
+    plan = minibatch_plan(tb, cfg, budget, shuffle)
     logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, plan, cfg, B, offset, pad_id)
     gap = (logp_old - tb.sampler_logp).abs()
     stats.update(traj_gap=global_mean(gap), traj_gap_max=dist_max(gap.max().item() if M else 0.0),
@@ -1253,10 +1300,11 @@ class Config:
     are always dropped"""
     minibatches: int = 2
     """optimizer steps per RL step, each on a shuffled share of the trace sequences"""
-    micro_batch: int = 64
-    """training sequences per forward pass (gradients are accumulated over micro-batches). Activations grow
-    with sequences x length (prompt + 2 x response): SDAR-1.7B with 2000-token responses takes 4 with
-    --grad-checkpointing on an 80 GB GPU. A micro-batch also stops at 2^30 bytes of fp32 logits of targets"""
+    micro_batch_tokens: int = 4096
+    """training tokens per forward pass, padding included (gradients are accumulated over micro-batches): a
+    sample's packed sequence (section 5) longer than this is cut into several, and a micro-batch holds as many
+    as fit; it also stops at 2^30 bytes of fp32 logits of targets. Activations grow with it: SDAR-1.7B takes
+    8192 with --grad-checkpointing on an 80 GB GPU"""
     grad_clip: float = 1.0
     """clip the policy's gradient norm to this"""
     grad_checkpointing: bool = False
@@ -1282,7 +1330,7 @@ SDAR_PRESET = dict(
     out_dir="runs/sdar", train_dataset="math", eval_datasets="math500", block_sizes="4,8,16,32",
     steps_per_stage=100, prompts_per_step=64, group_size=16, rollout_temperature=1.0, temperature=1.0,
     remasking="dynamic", threshold=0.9, max_new_tokens=2000, lr=1e-6, value_lr=1e-4, grad_clip=1.0,
-    acc_band="0.2,0.8", eval_samples=3, micro_batch=4, grad_checkpointing=True,
+    acc_band="0.2,0.8", eval_samples=3, micro_batch_tokens=8192, grad_checkpointing=True,
 )
 
 
@@ -1343,7 +1391,7 @@ RANGES = dict(
     eval_batch=(1, None, True), steps_per_stage=(1, None, True), shift_fraction=(0, 1, True),
     prompts_per_step=(1, None, True), group_size=(2, None, True), lr=(0, None, False), value_lr=(0, None, False),
     clip_eps=(0, None, False), beta=(0, None, True), gamma=(0, 1, True), gae_lambda=(0, 1, True),
-    shrink=(1, None, True), minibatches=(1, None, True), micro_batch=(1, None, True), grad_clip=(0, None, False),
+    shrink=(1, None, True), minibatches=(1, None, True), micro_batch_tokens=(1, None, True), grad_clip=(0, None, False),
 )
 
 
@@ -2263,17 +2311,22 @@ def pad_rows(ids, pos, noisy, pad_id: int):
             pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
 
 
-def micro_batches(tb: TraceBatch, seqs: Sequence[int], micro_batch: int, vocab_size: int) -> list[list[int]]:
-    """The training sequences `seqs` in groups of one forward each: at most micro_batch sequences, whose
-    targets' fp32 logits (targets x vocab x 4 bytes) stay within LOGIT_BYTES (a sequence with more targets
-    forms a group alone). With real weights dynamic decoding commits most of a block at its first step, so one
-    trace round can hold most of a response as targets: four such sequences of 2000 tokens would make 4.9 GB
-    of logits per copy at SDAR's vocabulary of 151,936."""
-    max_targets = max(1, LOGIT_BYTES // (4 * vocab_size))
+def trainer_budget(cfg: Config, vocab_size: int) -> tuple[int, int]:
+    """(tokens, targets) one forward of the trainer may hold: --micro-batch-tokens, padding included, and as many
+    targets as have their fp32 logits (targets x vocab x 4 bytes) within LOGIT_BYTES. With real weights dynamic
+    decoding commits most of a block at its first step, so the targets of 2000-token responses would make
+    4.9 GB of logits per copy at SDAR's vocabulary of 151,936 if nothing cut them."""
+    return cfg.micro_batch_tokens, max(1, LOGIT_BYTES // (4 * vocab_size))
+
+
+def micro_batches(tb: TraceBatch, seqs: Sequence[int], budget: tuple[int, int]) -> list[list[int]]:
+    """The training sequences `seqs` in groups of one forward each, longest first (less padding): as many as fit
+    the budget (trainer_budget) padded to the longest (a sequence over budget forms a group alone)."""
+    max_tokens, max_targets = budget
     groups, group, targets = [], [], 0
-    for k in seqs:
+    for k in sorted(seqs, key=lambda k: -len(tb.ids[k])):
         m = int(tb.ptr[k + 1] - tb.ptr[k])
-        if group and (len(group) == micro_batch or targets + m > max_targets):
+        if group and (len(tb.ids[group[0]]) * (len(group) + 1) > max_tokens or targets + m > max_targets):
             groups.append(group)
             group, targets = [], 0
         group.append(k)
@@ -2412,10 +2465,12 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
     step_row = step_bytes_per_row(cfg, config, B, width, item)
     layer = P / max(1, config.num_hidden_layers) if N > 1 else 0        # (an upper bound on one layer's weights)
     grads = (4 * P / N + (4 * P + 4 * (2 * V * H + 2 * layer) if N > 1 else 0)) if training else 0
-    length = longest_prompt + 2 * (cfg.max_new_tokens + B)              # a training sequence, at most
-    targets = min(cfg.micro_batch * length, max(1, LOGIT_BYTES // (4 * V)))
+    # the largest micro-batch: sequences x length within --micro-batch-tokens, so at worst one sequence that long
+    # (or a prompt, its response and one noisy block, if more), its targets within the logit budget
+    tokens, max_targets = trainer_budget(cfg, V)
+    length = max(tokens, longest_prompt + cfg.max_new_tokens + 3 * B)
     adam_step = 4 * P / N + 1024                  # (the step's one temporary per weight, a few scalars)
-    micro = max(micro_batch_bytes(cfg, config, cfg.micro_batch, length, targets, item), adam_step) if training else 0
+    micro = max(micro_batch_bytes(cfg, config, 1, length, min(length, max_targets), item), adam_step) if training else 0
     training_peak = weights + adam + copy_bytes + grads + micro
     rows, keep, note = cfg.rollout_batch, graphs, ""
     free = free_memory(device) if free is None else free
@@ -2772,7 +2827,7 @@ def stage_dir(cfg: Config, out: Path, stage: int) -> Path:
     return out / f"stage{stage}-B{B}"
 
 
-RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch", "compile", "micro_batch",
+RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch", "compile", "micro_batch_tokens",
                      "grad_checkpointing", "show_trajectory")     # settings that do not change the method (rows per
 # sampler call do change which random numbers a sample draws at temperature > 0: equal ones reproduce a run)
 
