@@ -289,8 +289,8 @@ def propose(logits, temperature: float, top_k: int, top_p: float, generator=None
     The log-prob is under the model's own full distribution: the quantity the trainer recomputes. At most three
     (M, V) fp32 tensors are alive at once (more with top-p: propose_bytes_per_logit)."""
     logits = logits.float()                                                   # (M, V)
-    log_z = logits.logsumexp(-1)                                              # (M,) log of the model's normaliser
     if mask_id is not None:
+        at_mask = logits[:, mask_id].clone()                                  # (M,) (restored below)
         logits = logits.index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
     if temperature == 0:
         cand = logits.argmax(-1)                                              # (M,)
@@ -310,7 +310,10 @@ def propose(logits, temperature: float, top_k: int, top_p: float, generator=None
         del z                                                                 # (memory: see the docstring)
         cand = torch.multinomial(probs, 1, generator=generator).squeeze(1)     # (M,)
         conf = probs.gather(1, cand[:, None]).squeeze(1)
-    return cand, conf, logits.gather(1, cand[:, None]).squeeze(1) - log_z      # log p(cand) = logit - log Z
+        del probs
+    if mask_id is not None:                                                   # the model's own logits again
+        logits[:, mask_id] = at_mask
+    return cand, conf, logits.log_softmax(-1).gather(1, cand[:, None]).squeeze(1)
 
 
 def choose_commits(todo, conf, quota, remasking: str, threshold: float):
