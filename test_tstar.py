@@ -454,6 +454,32 @@ def test_the_packed_layout_gives_every_target_the_log_prob_entropy_and_value_of_
         assert len(tb.ids) > len(gens)                            # (the small budget cut samples into pieces)
 
 
+def test_tiled_attention_gives_the_dense_attentions_log_probs_and_gradients_and_skips_masked_tiles(tiny, monkeypatch):
+    """A long packed sequence (two samples padded into one batch) through the trainer's forward: with tiles of 16
+    queries (tiled_sdpa) the log-probs and the gradient of the weights equal one dense attention's (fp32), while
+    the key tiles each query tile attends to are a fraction of all."""
+    model, tok = tiny
+    prompts = [tok.encode(p) for p in PROMPTS[2:4]]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, block_size=8, temperature=1.0, max_new_tokens=48),
+                          generator=torch.Generator().manual_seed(0))
+    tb = tstar.build_trace_batch(prompts, gens, [0, 1], 8, 0, 1, tok.mask_token_id)
+    assert min(map(len, tb.ids)) > 4 * 16
+
+    def forward(tile):
+        monkeypatch.setitem(tstar.ATTENTION_TILE, "cpu", tile)
+        model.zero_grad()
+        (_, logp, _, _), = tstar.score_sequences(model, None, tb, [[0, 1]], 8, 0, tok.eos_token_id)
+        logp.sum().backward()
+        return logp.detach(), [p.grad.clone() for p in model.parameters()]
+    (dense, dense_grads), (tiled, tiled_grads) = forward(10 ** 6), forward(16)
+    assert (tiled - dense).abs().max() <= 1e-5
+    assert max((a - b).abs().max() for a, b in zip(tiled_grads, dense_grads)) <= 1e-5
+    ids, pos, noisy, valid = tstar.pad_rows(tb.ids, tb.pos, tb.noisy, tok.eos_token_id)
+    tiles = tstar.key_tiles(tstar.block_attention_mask(pos, noisy, pos, noisy, valid, 8, 0), 16)
+    assert sum(map(len, tiles)) < 0.75 * len(tiles) * ids.shape[1]           # (masked tiles skipped)
+    model.zero_grad()
+
+
 @pytest.mark.parametrize("advantage", ["gae", "group"])
 def test_one_ppo_step_on_the_packed_layout_moves_the_weights_as_on_the_per_round_layout(tiny, monkeypatch, advantage):
     model, tok = tiny

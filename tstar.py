@@ -194,15 +194,16 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
     bq = block_index(q_pos, block_size, offset)[:, :, None]                 # (batch, Lq, 1)
     bk = block_index(k_pos, block_size, offset)[:, None, :]                 # (batch, 1, Lk)
     cq, ck = q_noisy.long()[:, :, None], k_noisy.long()[:, None, :]         # copies: (batch, Lq, 1), (batch, 1, Lk)
-    sees_clean_query = (ck == 0) & (bk <= bq)
-    sees_noisy_query = ((ck == 0) & (bk < bq)) | ((ck == cq) & (bk == bq))
-    allow = torch.where(cq > 0, sees_noisy_query, sees_clean_query) & k_valid[:, None, :]
+    # a clean key j: seen by a clean query iff b(j) <= b(i), by a noisy one iff b(j) <= b(i) - 1
+    sees_clean_key = bk.masked_fill(ck > 0, torch.iinfo(torch.long).max) <= bq - (cq > 0).long()
+    # a noisy key j: seen by the queries of its own copy in its own block (a clean query has no copy: never)
+    sees_noisy_key = (ck.masked_fill(ck == 0, -1) == cq) & (bk == bq)
     Lq, Lk = q_pos.shape[1], k_pos.shape[1]
     q_start = Lk - Lq if q_start is None else q_start
-    arange = torch.arange(Lk, device=allow.device)
-    itself = arange[None, :] == arange[q_start: q_start + Lq, None]        # (Lq, Lk) query i is key q_start+i
     q_real = k_valid[:, q_start: q_start + Lq, None]                        # (batch, Lq, 1)
-    return ((allow & q_real) | (~q_real & itself))[:, None]                 # (batch, 1, Lq, Lk)
+    allow = (sees_clean_key | sees_noisy_key) & k_valid[:, None, :] & q_real    # (batch, Lq, Lk)
+    allow.diagonal(q_start, 1, 2).logical_or_(~q_real[:, :, 0])              # a padding query sees itself
+    return allow[:, None]                                                   # (batch, 1, Lq, Lk)
 
 
 # ======================================================================================================
@@ -1553,26 +1554,72 @@ def is_toy_model(model: str) -> bool:
         info, f"restore it, or delete {model}, a checkpoint tstar saved").get("task") == "toy")
 
 
+# a long sequence's queries attend in tiles of this many, each to the key tiles it may see: small tiles skip more
+# masked pairs, and each costs a call (on a GPU, kernel launches: there larger ones; not measured on a GPU)
+ATTENTION_TILE = {"cpu": 64, "cuda": 512}
+
+
 def block_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """The attention of every model tstar loads: PyTorch's scaled_dot_product_attention, registered with
-    transformers as "tstar_sdpa". It differs from transformers' "sdpa" in one case, the sampler's: a few
-    queries against a long cache, with grouped-query attention (SDAR-1.7B: 2 query heads per key/value head)
-    and a mask. transformers then copies every key and value G times (repeat_kv) in every layer at every
-    step, more memory traffic than the attention itself. Here the G query heads that share a key/value
-    head become G x q queries of that head instead:
-        query (n, H, q, d) -> (n, H/G, G q, d),  mask (n, 1, q, k) -> (n, 1, G q, k)
-    which is the same attention without the copy; the Decoder hands every layer its mask folded so (fold_mask).
-    Everything else (training, prefill, any mask not folded) takes transformers' own path unchanged."""
+    transformers as "tstar_sdpa". It differs from transformers' "sdpa" in two cases:
+      * the sampler's: a few queries against a long cache, with grouped-query attention (SDAR-1.7B: 2 query heads
+        per key/value head) and a mask. transformers then copies every key and value G times (repeat_kv) in every
+        layer at every step, more memory traffic than the attention itself. Here the G query heads that share a
+        key/value head become G x q queries of that head instead:
+            query (n, H, q, d) -> (n, H/G, G q, d),  mask (n, 1, q, k) -> (n, 1, G q, k)
+        which is the same attention without the copy; the Decoder hands every layer its mask folded so (fold_mask).
+      * a sequence longer than two tiles under a boolean mask (the trainer's packed sequences, section 5; a long
+        prefill): most of its (query, key) pairs are masked, so the queries attend a tile at a time, each to the
+        key tiles holding a pair it may see (tiled_sdpa). The same attention, without the masked tiles.
+    Everything else takes transformers' own path unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     G = getattr(module, "num_key_value_groups", 1)
     n, H, q, d = query.shape
     mask = attention_mask
+    if mask is not None and mask.dtype == torch.bool and q == key.shape[2] > 2 * ATTENTION_TILE[query.device.type]:
+        return tiled_sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     if mask is None or G == 1 or mask.shape[2] != G * q:             # not folded by the sampler (Decoder)
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     out = F.scaled_dot_product_attention(query.reshape(n, H // G, G * q, d), key, value, attn_mask=mask,
                                          dropout_p=dropout, scale=scaling)               # (n, H/G, G q, d)
     return out.reshape(n, H, q, d).transpose(1, 2).contiguous(), None                    # (n, q, H, d)
+
+
+def tiled_sdpa(module, query, key, value, mask, **kwargs):
+    """Attention of a long sequence under a boolean mask (n, 1, T, T), ATTENTION_TILE queries at a time, each tile
+    against only the key tiles where some row of the batch has a pair it may see. Example, the packed layout of
+    section 5: a tile of noisy copies sees the clean tiles before its blocks and itself, not the other copies."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    T, t = mask.shape[-1], ATTENTION_TILE[query.device.type]
+    outs = []
+    for i, cols in enumerate(key_tiles(mask, t)):
+        rows = slice(i * t, min(T, (i + 1) * t))
+        out, _ = sdpa_attention_forward(module, query[:, :, rows], key[:, :, cols], value[:, :, cols],
+                                        mask[:, :, rows][..., cols], **kwargs)         # (n, t, H, d)
+        outs.append(out)
+    return torch.cat(outs, 1), None                                                   # (n, T, H, d)
+
+
+_KEY_TILES: list = [None, None]        # (a weak reference to the last mask, its key tiles): one mask, every layer
+
+
+def key_tiles(mask, t: int) -> list[torch.Tensor]:
+    """For each tile of t queries of a (n, 1, T, T) mask, the key columns of the key tiles it may see (in some row of
+    the batch). Every layer gets the same mask: made once per forward."""
+    if _KEY_TILES[0] is not None and _KEY_TILES[0]() is mask:
+        return _KEY_TILES[1]
+    import weakref
+
+    n, T = mask.shape[0], mask.shape[-1]
+    tiles = -(-T // t)
+    grid = F.pad(mask[:, 0], (0, tiles * t - T, 0, tiles * t - T)).view(n, tiles, t, tiles, t)
+    needed = grid.any(4).any(2).any(0)                                    # (tiles, tiles): query tile -> key tiles
+    within = torch.arange(t, device=mask.device)
+    cols = [(row.nonzero() * t + within).flatten() for row in needed]
+    _KEY_TILES[:] = weakref.ref(mask), [c[c < T] for c in cols]
+    return _KEY_TILES[1]
 
 
 def fold_mask(mask, G: int, dtype):
