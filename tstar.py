@@ -38,6 +38,7 @@ Where this file departs from the papers (choices where they are silent, and simp
     * Sampler: confidence is the probability under the sampling distribution; the mask is never proposed.
     * Trainer: the noisy copy uses the rollout's own block offset (the reference drifts when P mod B != 0).
     * Trainer: every decoded token is trained, eos and the rest of its block too (the reference skips eos).
+    * Trainer: all trace rounds of a sample in one sequence (section 5), not one sequence per round as dLLM-RL.
     * Value: a linear head on the policy's detached hidden states, own learning rate, not a second model.
     * Loss: a mean over all target tokens of all processes, not over a padded length (CJ-GRPO: per round).
     * PPO: --minibatches (2) optimizer steps per RL step; old log-probs from one pass before the first.
