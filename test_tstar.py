@@ -655,7 +655,7 @@ def test_a_step_with_zero_advantages_leaves_the_policy_unchanged(every_token_sto
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     # and the loss itself: zero advantage and logp == logp_old give a zero gradient (KL is 0 at the start)
     logp = torch.randn(5, requires_grad=True)
-    loss, _, _ = tstar.ppo_token_loss(logp, logp.detach(), torch.zeros(5), 0.2, 0.01)
+    loss, _, _ = tstar.ppo_token_loss(logp, logp.detach(), torch.zeros(5), clip_eps=0.2, beta=0.01)
     loss.sum().backward()
     assert logp.grad.abs().max() == 0
 
@@ -665,7 +665,7 @@ def test_a_step_with_zero_advantages_leaves_the_policy_unchanged(every_token_sto
 
 def ppo_case(ratio, adv, clip=0.2, beta=0.0):
     logp = torch.tensor([math.log(ratio)], requires_grad=True)
-    loss, _, _ = tstar.ppo_token_loss(logp, torch.zeros(1), torch.tensor([float(adv)]), clip, beta)
+    loss, _, _ = tstar.ppo_token_loss(logp, torch.zeros(1), torch.tensor([float(adv)]), clip_eps=clip, beta=beta)
     loss.sum().backward()
     return loss.item(), logp.grad.item()
 
@@ -689,7 +689,7 @@ def test_one_ppo_step_raises_a_positive_advantage_token_and_lowers_a_negative_on
     opt = torch.optim.SGD([logits], lr=0.5)
     old = logits.detach().log_softmax(-1)
     logp = logits.log_softmax(-1)[[1, 4]]
-    loss, _, _ = tstar.ppo_token_loss(logp, old[[1, 4]], torch.tensor([1.0, -1.0]), 0.2, 0.01)
+    loss, _, _ = tstar.ppo_token_loss(logp, old[[1, 4]], torch.tensor([1.0, -1.0]), clip_eps=0.2, beta=0.01)
     loss.sum().backward()
     opt.step()
     new = logits.detach().log_softmax(-1)
@@ -700,11 +700,11 @@ def test_k3_kl_is_measured_from_the_old_policy_hand_worked():
     """kl = exp(d) - 1 - d with d = log p_old - log p: 0 at equality, positive otherwise, and not symmetric
     (d = 1 gives e - 2 = 0.718, d = -1 gives 1/e = 0.368)."""
     def kl(logp, logp_old):
-        return tstar.ppo_token_loss(torch.tensor([logp]), torch.tensor([logp_old]), torch.zeros(1), 0.2, 1.0)[2].item()
+        return tstar.ppo_token_loss(torch.tensor([logp]), torch.tensor([logp_old]), torch.zeros(1), clip_eps=0.2, beta=1.0)[2].item()
     assert kl(-2.0, -1.0) == pytest.approx(math.e - 2, abs=1e-6)
     assert kl(-1.0, -2.0) == pytest.approx(1 / math.e, abs=1e-6)
     assert kl(-1.5, -1.5) == 0.0
-    loss = tstar.ppo_token_loss(torch.tensor([-2.0]), torch.tensor([-1.0]), torch.zeros(1), 0.2, 0.01)[0]
+    loss = tstar.ppo_token_loss(torch.tensor([-2.0]), torch.tensor([-1.0]), torch.zeros(1), clip_eps=0.2, beta=0.01)[0]
     assert loss.item() == pytest.approx(0.01 * (math.e - 2), abs=1e-7)          # beta x kl joins the loss
 
 
@@ -744,9 +744,9 @@ def test_the_outcome_sits_on_each_samples_last_step_and_gae_one_gives_z_minus_va
     token = torch.tensor([0, 1, 2, 3, 0, 1])
     step = torch.tensor([1, 3, 2, 3, 2, 1])
     values = torch.tensor([0.1, -0.2, 0.3, 0.0, 0.5, -0.4])
-    adv, ret = tstar.token_advantages(outcome, sample, token, step, values, 1.0, 1.0)
+    adv, ret = tstar.token_advantages(outcome, sample, token, step, values, gamma=1.0, lam=1.0)
     assert torch.allclose(adv, outcome[sample] - values) and torch.allclose(ret, outcome[sample])
-    _, ret = tstar.token_advantages(outcome, sample, token, step, torch.zeros(6), 0.5, 1.0)
+    _, ret = tstar.token_advantages(outcome, sample, token, step, torch.zeros(6), gamma=0.5, lam=1.0)
     last = torch.tensor([3, 3, 3, 3, 2, 2])
     assert torch.allclose(ret, outcome[sample] * 0.5 ** (last - step).float())
 
@@ -759,9 +759,9 @@ def test_ppo_update_gives_gae_the_group_z_scores_of_the_rewards(monkeypatch, tin
     seen, old = [], []
     real, real_old = tstar.token_advantages, tstar.old_policy_scores
     monkeypatch.setattr(tstar, "token_advantages",
-                        lambda outcome, sample, token, step, values, gamma, lam: seen.append(
+                        lambda outcome, sample, token, step, values, *, gamma, lam: seen.append(
                             (outcome.clone(), values.clone(), gamma, lam)) or real(outcome, sample, token, step, values,
-                                                                                  gamma, lam))
+                                                                                  gamma=gamma, lam=lam))
     monkeypatch.setattr(tstar, "old_policy_scores", lambda *a: (lambda r: old.append(r) or r)(real_old(*a)))
     gens = tstar.generate(model, [tok.encode(p) for p in PROMPTS[:2] for _ in range(4)],
                           **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0), generator=torch.Generator().manual_seed(1))
@@ -975,7 +975,7 @@ def bad_inputs(tmp):
     model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
     tstar.save_checkpoint(tmp / "no-weights", model, tok)
     (tmp / "no-weights" / "model.safetensors").unlink()
-    default = tstar.finalize_config(tstar.Config(), set())             # a warm start of the default settings ...
+    default = tstar.finalize_config(tstar.Config())             # a warm start of the default settings ...
     tstar.save_checkpoint(tmp / "runs/warm-without-weights/warmstart", model, tok,
                           info=dict(task="toy", settings=tstar.warm_start_settings(default)))
     (tmp / "runs/warm-without-weights/warmstart/model.safetensors").unlink()        # ... that lost its weights
@@ -987,7 +987,7 @@ def bad_inputs(tmp):
     small = ["--train-size", "40", "--prompts-per-step", "4"]
     for run, damage in (("odd-log", "metrics.jsonl"), ("cut-head", "value_head.safetensors")):   # stage 1, then ...
         out = tmp / "runs" / run
-        cfg = tstar.finalize_config(*tstar.parse_args(small + ["--out-dir", str(out)]))
+        cfg = tstar.finalize_config(tstar.parse_args(small + ["--out-dir", str(out)]))
         tstar.save_checkpoint(out / "stage1-B4", model, tok, tstar.new_value_head(model),
                               info=dict(task="toy", stage=1, block_size=4, config=dataclasses.asdict(cfg)))
         (out / "metrics.jsonl").write_text('{"kind": "eval", "stage": 0}\n')
@@ -1019,7 +1019,7 @@ def disk(tmp):
     (["--seed", "100000000000000"], "--seed must be in [0, 4294967295]"),
     (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
     (["--seed", "1e14"], "invalid int value: '1e14'"),
-    (["--block-sizes", ""], "is empty"),
+    (["--block-sizes", ""], "--block-sizes must be increasing block sizes >= 1, got ''"),
     (["--block-sizes", "8,4"], "increasing"),
     (["--block-sizes", "0,4"], ">= 1"),
     (["--block-sizes", "4,512"], "exceeds the model's 256 positions"),
@@ -1115,8 +1115,8 @@ def test_under_torchrun_a_usage_error_is_printed_once_and_every_process_exits_2(
 
 def test_the_default_model_is_the_file_beside_tstar_from_any_working_directory(tmp_path, monkeypatch, tiny_warm_start):
     monkeypatch.chdir(tmp_path)                                   # (no tiny_config.json here)
-    assert tstar.finalize_config(*tstar.parse_args([])).model == str((HERE / "tiny_config.json").resolve())
-    assert tstar.finalize_config(*tstar.parse_args(["--model", "tiny_config.json"])).model == "tiny_config.json"
+    assert tstar.finalize_config(tstar.parse_args([])).model == str((HERE / "tiny_config.json").resolve())
+    assert tstar.finalize_config(tstar.parse_args(["--model", "tiny_config.json"])).model == "tiny_config.json"
     out = tiny_warm_start(tmp_path / "run")
     assert tstar.main(TINY + ["--device", "cpu", "--eval-only", "--eval-block-sizes", "4", "--out-dir", out]) == 0
     assert (tmp_path / "run" / "eval.json").is_file()
@@ -1179,7 +1179,7 @@ def test_a_second_run_in_the_same_out_dir_stops_and_a_killed_runs_lock_is_releas
 
 
 def test_a_fresh_run_refuses_an_old_runs_checkpoints_and_resume_needs_the_same_settings(tmp_path, capsys):
-    old = tstar.finalize_config(tstar.Config(lr=1e-3, out_dir=str(tmp_path)), {"lr"})
+    old = tstar.finalize_config(tstar.Config(lr=1e-3, out_dir=str(tmp_path)))
     (tmp_path / "stage1-B4").mkdir()
     (tmp_path / "stage1-B4" / "tstar.json").write_text(tstar.json_text(dict(config=dataclasses.asdict(old))))
     assert tstar.main(["--out-dir", str(tmp_path)]) == 2
@@ -1188,7 +1188,7 @@ def test_a_fresh_run_refuses_an_old_runs_checkpoints_and_resume_needs_the_same_s
     assert "--lr 0.001 then, 0.0003 now" in capsys.readouterr().err
     assert tstar.main(["--out-dir", str(tmp_path), "--resume", "--lr", "0.001", "--block-sizes", "4,8,16,32,64"]) == 2
     err = capsys.readouterr().err                                   # (the flag, not the value derived from it)
-    assert "other settings (--block-sizes 4,8,16,32 then, 4,8,16,32,64 now)" in err and "--curriculum" not in err
+    assert "other settings (" in err and "--block-sizes 4,8,16,32 then, 4,8,16,32,64 now" in err
 
 
 def test_an_interrupted_warm_start_advises_running_the_command_again(tmp_path, capsys, monkeypatch):
@@ -1730,7 +1730,7 @@ torch.distributed.all_gather_object(every_span, spans)
 head = tstar.new_value_head(model)
 if size > 1:
     tstar.shard(model, head, torch.device("cpu"))
-cfg = tstar.finalize_config(tstar.Config(micro_batch_tokens=256), set())
+cfg = tstar.finalize_config(tstar.Config(micro_batch_tokens=256))
 plan = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cpu"), True, True, True, free=int(sys.argv[2]))
 sampler = tstar.Engine(model, tok, torch.float32, 8)
 sums = tstar.check_in_sync(sampler)
@@ -1755,7 +1755,7 @@ tstar.shard(model, head, torch.device("cpu"), torch.bfloat16)
 dtypes, ratios, steps = set(), [], []
 model.lm_head.register_forward_pre_hook(lambda m, args: dtypes.add(str(m.weight.dtype)))
 real = tstar.ppo_token_loss
-tstar.ppo_token_loss = lambda *a: (lambda out: ratios.append((len(steps), out[1].detach())) or out)(real(*a))
+tstar.ppo_token_loss = lambda *a, **k: (lambda out: ratios.append((len(steps), out[1].detach())) or out)(real(*a, **k))
 cfg = tstar.Config(group_size=4, minibatches=2, micro_batch_tokens=200, dtype="bfloat16", max_new_tokens=24)
 prompts = [tok.encode(q) for q in ("a3 b7=", "a1=", "x", "a0 b9 c2=")[rank::2] for _ in range(4)]
 gens = tstar.Engine(model, tok, torch.float32, 8).generate(prompts, generator=torch.Generator().manual_seed(rank),
@@ -1788,7 +1788,7 @@ def test_under_fsdp_the_memory_plan_counts_each_parameter_once_and_the_rollout_c
     done = torchrun(2, tmp_path / "worker.py", HERE / "tiny_config.json", free, tmp_path / "out.json")
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads((tmp_path / "out.json").read_text())
-    cfg = tstar.finalize_config(tstar.Config(micro_batch_tokens=256), set())
+    cfg = tstar.finalize_config(tstar.Config(micro_batch_tokens=256))
     one = tstar.memory_plan(cfg, model, [4, 8], 30, torch.device("cpu"), True, True, True, free=free)
     two = got["plan"]
     n = sum(p.numel() for p in model.parameters())
@@ -1817,7 +1817,7 @@ def test_under_fsdp_the_memory_plan_counts_each_parameter_once_and_the_rollout_c
 def test_the_memory_plan_uses_the_decoders_width_and_the_samplers_bytes_per_logit(tiny):
     """The plan of a GPU run (bf16; the free memory given, so no CUDA call is made)."""
     model, _ = tiny
-    plan = lambda graphs=False, **kw: tstar.memory_plan(tstar.finalize_config(tstar.Config(micro_batch_tokens=256, **kw), set()),  # noqa: E731
+    plan = lambda graphs=False, **kw: tstar.memory_plan(tstar.finalize_config(tstar.Config(micro_batch_tokens=256, **kw)),  # noqa: E731
                                                        model, [4, 8], 30, torch.device("cuda"), True, False, graphs,
                                                        free=5 * 10 ** 7)
     eager, graphs = plan(), plan(graphs=True)
@@ -1869,7 +1869,7 @@ def test_the_memory_plan_is_at_least_what_a_sampler_step_and_a_trainer_micro_bat
     todo = frame.is_resp[:, c: c + B]
     assert todo.all()
     for settings in (dict(temperature=0.0, rollout_temperature=0.0), dict(), dict(top_p=0.9)):
-        cfg = tstar.finalize_config(tstar.Config(model=str(FIXTURE), **settings), set(settings))
+        cfg = tstar.finalize_config(tstar.Config(model=str(FIXTURE), **settings))
         T = cfg.rollout_temperature
 
         def step():
@@ -1882,8 +1882,7 @@ def test_the_memory_plan_is_at_least_what_a_sampler_step_and_a_trainer_micro_bat
         planned = rows * tstar.step_bytes_per_row(cfg, config, B, decoder.width, 2)
         assert measured <= planned <= 1.25 * measured, (settings, measured, planned)
     # the trainer: one micro-batch of every trace round of 8 rollouts, bf16 autocast over fp32 weights
-    cfg = tstar.finalize_config(tstar.Config(model=str(FIXTURE), dtype="bfloat16", grad_checkpointing=False),
-                                {"grad_checkpointing"})
+    cfg = tstar.finalize_config(tstar.Config(model=str(FIXTURE), dtype="bfloat16", grad_checkpointing=False))
     gens = engine.generate(prompts, generator=torch.Generator().manual_seed(0), **tstar.sampler_kwargs(cfg, 4, True) |
                            dict(max_new_tokens=24))
     tb = tstar.build_trace_batch(prompts, gens, range(rows), 4, 0, 1, tok.mask_token_id)
@@ -2017,7 +2016,7 @@ def test_the_ratio_is_exactly_one_at_the_first_minibatch_under_bf16_autocast(tin
     rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0]] * len(PROMPTS))
     ratios, steps = [], []
     real = tstar.ppo_token_loss
-    monkeypatch.setattr(tstar, "ppo_token_loss", lambda *a: (lambda out: ratios.append((len(steps), out[1])) or out)(real(*a)))
+    monkeypatch.setattr(tstar, "ppo_token_loss", lambda *a, **k: (lambda out: ratios.append((len(steps), out[1])) or out)(real(*a, **k)))
     head = tstar.new_value_head(model)
     opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.0}, {"params": head.parameters(), "lr": 0.0}])
     monkeypatch.setattr(opt, "step", lambda *a: steps.append(1))
@@ -2462,7 +2461,7 @@ def test_an_evaluation_scores_each_problems_samples_together(tiny, monkeypatch):
     of three: pass@2 1/3; samples grouped across problems would make it 2/3."""
     model, tok = tiny
     monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tokenizer: STOPS)     # (responses that end)
-    cfg = tstar.finalize_config(tstar.Config(temperature=1.0, max_new_tokens=24, eval_samples=2), {"temperature"})
+    cfg = tstar.finalize_config(tstar.Config(temperature=1.0, max_new_tokens=24, eval_samples=2))
     problems = [{"question": q, "answer": "", "task": "toy"} for q in PROMPTS[:3]]
     metrics, gens = tstar.evaluate(tstar.Engine(model, tok, torch.float32, 64), tok, problems,
                                    lambda text, p: float(p is problems[0]), cfg, 4)
@@ -2484,7 +2483,7 @@ def test_every_evaluation_at_a_block_size_draws_the_same_random_numbers(tiny):
     """With sampling (the SDAR preset's temperature 1.0), two evaluations of the same weights give the same
     samples whatever the global random state: stages differ by their weights only."""
     model, tok = tiny
-    cfg = tstar.finalize_config(tstar.Config(temperature=1.0, max_new_tokens=24, eval_samples=2), {"temperature"})
+    cfg = tstar.finalize_config(tstar.Config(temperature=1.0, max_new_tokens=24, eval_samples=2))
     engine = tstar.Engine(model, tok, torch.float32, 64)
     problems = [{"question": q, "answer": "", "task": "toy"} for q in PROMPTS]
 
@@ -2540,3 +2539,187 @@ def test_the_tiny_warm_start_trains_in_fp32_whatever_the_compute_dtype(tmp_path)
     assert tstar.main(small + ["--out-dir", str(tmp_path / "fp32")]) == 0
     a, b = weights(tmp_path / "bf16" / "warmstart"), weights(tmp_path / "fp32" / "warmstart")
     assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in b)
+
+
+# ------------------------------------------------------------------------------------------------ every setting reaches its place
+# For every Config field that Part I reads, a distinctive value changes what it must change, observed through the
+# public path (the sampler through evaluate and collect_rollouts, the update through ppo_update, the curriculum
+# through train, the warm start through warm_start), never by reading an argument list. Two settings of one type
+# passed in each other's place, or one dropped, fail a row.
+
+def sampled(tiny, monkeypatch, rollout=False, stops=STOPS, B=8, **settings):
+    """(ids, step map, nfe) of every sample of three problems at block size B, from evaluate (or collect_rollouts)."""
+    model, tok = tiny
+    monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tok: stops)      # (EOSER acts on stop tokens)
+    cfg = tstar.finalize_config(tstar.Config(**{"max_new_tokens": 24, **settings}))
+    problems = [{"question": q, "answer": "", "task": "toy"} for q in PROMPTS[:3]]
+    engine = tstar.Engine(model, tok, torch.float32, 64)
+    if rollout:
+        gens = tstar.collect_rollouts(engine, tok, problems, lambda t, p: 0.0, cfg, B, 0,
+                                      torch.Generator().manual_seed(0)).gens
+    else:
+        gens = tstar.evaluate(engine, tok, problems, lambda t, p: 0.0, cfg, B)[1]
+    return [(g.ids, g.step_map, g.nfe) for g in gens]
+
+
+def block_steps(samples, B=8, P=None):
+    """The number of distinct steps of every (sample, block) (prompts of PROMPTS[:3], offset 0)."""
+    out = []
+    for (ids, steps, _), prompt in zip(samples, [p for p in PROMPTS[:3] for _ in range(len(samples) // 3)]):
+        blocks = tstar.response_blocks(len(prompt), len(steps), B, 0)
+        out += [len(set(torch.tensor(steps)[blocks == b].tolist())) for b in blocks.unique()]
+    return out
+
+
+greedy = dict(temperature=0.0)
+SAMPLER_ROWS = [                  # (settings, how the samples must differ from the defaults')
+    (dict(steps_per_block=2, remasking="static"), lambda s, d: max(block_steps(s)) == 2 < max(block_steps(d))),
+    (dict(remasking="ass"), lambda s, d: max(block_steps(s)) == 3 < max(block_steps(d))),       # 1, 2, 5
+    (dict(threshold=0.0), lambda s, d: max(block_steps(s)) == 1 < max(block_steps(d))),
+    (dict(temperature=1.0), lambda s, d: s != d),
+    (dict(temperature=1.0, top_k=1), lambda s, d: max(block_steps(s)) == 1 < max(block_steps(d))),   # confidence 1:
+    (dict(temperature=1.0, top_p=1e-9), lambda s, d: max(block_steps(s)) == 1 < max(block_steps(d))),  # a block a step
+    (dict(max_new_tokens=1), lambda s, d: max(len(ids) for ids, _, _ in s) <= 8 < max(len(ids) for ids, _, _ in d)),
+    (dict(eval_samples=3), lambda s, d: len(s) == 3 * len(d) and s[::3] == d),
+]
+
+
+@pytest.mark.parametrize("settings,differs", SAMPLER_ROWS, ids=[" ".join(r[0]) for r in SAMPLER_ROWS])
+def test_every_sampler_setting_changes_the_samples_as_it_must(tiny, monkeypatch, settings, differs):
+    default = sampled(tiny, monkeypatch)
+    assert differs(sampled(tiny, monkeypatch, **settings), default)
+
+
+def test_eosers_two_factors_and_the_rollout_settings_each_reach_the_sampler(tiny, monkeypatch):
+    # EOSER: with every token a stop token and tau just under the random model's confidences (~1/128), each
+    # factor g_s decides how many candidates pass tau at each step
+    every = list(range(tiny[0].config.vocab_size))
+    runs = [sampled(tiny, monkeypatch, stops=every, B=32, threshold=0.006, **kw) for kw in (
+        dict(), dict(eoser=True, eoser_gamma_min=0.3), dict(eoser=True, eoser_gamma_min=0.3, eoser_gamma_max=0.6),
+        dict(eoser=True, eoser_gamma_min=0.5))]
+    assert len({repr(r) for r in runs}) == 4
+    assert sum(r[2] for r in runs[1]) > sum(r[2] for r in runs[0])          # (confidences lowered: more steps)
+    # rollouts: the rollout temperature (not the evaluation's), G samples per problem
+    same = sampled(tiny, monkeypatch, rollout=True, rollout_temperature=0.0, temperature=1.0, group_size=3)
+    assert len(same) == 9 and all(same[k] == same[k - k % 3] for k in range(9))          # greedy: a group agrees
+    hot = sampled(tiny, monkeypatch, rollout=True, rollout_temperature=1.0, temperature=0.0, group_size=3)
+    assert len(hot) == 9 and any(hot[k] != hot[k - k % 3] for k in range(9))
+    # rows per evaluation call: the KV cache the evaluation allocates
+    rows = []
+    init = tstar.KVCache.__init__
+    monkeypatch.setattr(tstar.KVCache, "__init__", lambda self, config, n, *a: rows.append(n) or init(self, config, n, *a))
+    model, tok = tiny
+    cfg = tstar.finalize_config(tstar.Config(max_new_tokens=8, eval_batch=2))
+    tstar.evaluate(tstar.Engine(model, tok, torch.float32, 64), tok, [{"question": q, "task": "toy", "answer": ""}
+                                                                     for q in PROMPTS], lambda t, p: 0.0, cfg, 4)
+    assert rows and set(rows) == {2}
+
+
+def updated(settings, optimizer_steps=None, shapes=None):
+    """One ppo_update (SGD) of fixed rollouts of a fresh tiny model: its stats, its weights afterwards and the value
+    head's change."""
+    torch.manual_seed(0)
+    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
+    head = tstar.new_value_head(model)
+    prompts = [tok.encode(p) for p in PROMPTS[:3] for _ in range(4)]
+    gens = tstar.generate(model, prompts, **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0, threshold=0.3),
+                          generator=torch.Generator().manual_seed(2))
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    torch.nn.init.normal_(head.weight, std=0.1)                # (values that vary: explained variance is defined)
+    head_before = head.weight.detach().clone()
+    opt = torch.optim.SGD([{"params": model.parameters(), "lr": 3.0}, {"params": head.parameters(), "lr": 0.5}])
+    if optimizer_steps is not None:
+        real = opt.step
+        opt.step = lambda *a: optimizer_steps.append(1) or real(*a)
+    cfg = rl_config(**{"group_size": 4, "minibatches": 2, "grad_clip": 100.0, **settings})
+    stats = tstar.ppo_update(model, head, opt, tstar.Rollouts(prompts, gens, rewards, 4, 0), cfg, tok.mask_token_id,
+                             tok.eos_token_id, torch.Generator().manual_seed(0))
+    return stats, torch.cat([p.detach().flatten() for p in model.parameters()]), head.weight.detach() - head_before
+
+
+def test_every_update_setting_changes_the_update_as_it_must(monkeypatch):
+    base, policy, value = updated({})
+    moved = lambda w: (w - policy).abs().max() > 1e-6                      # noqa: E731
+    s, p, v = updated(dict(clip_eps=1e-4))                                 # clipping: the second minibatch clips
+    assert s["clipfrac"] > base["clipfrac"] + 0.1
+    s, p, v = updated(dict(beta=5.0))                                      # the KL term: the second minibatch's loss
+    assert s["policy_loss"] != base["policy_loss"] and s["clipfrac"] == base["clipfrac"]
+    s, p, v = updated(dict(gamma=0.5))                                     # gamma discounts the returns: value targets
+    assert s["explained_var"] != pytest.approx(base["explained_var"]) and moved(p)
+    s, p, v = updated(dict(gae_lambda=0.5))                                # lambda: the advantages, not the returns
+    assert moved(p) and s["explained_var"] == pytest.approx(base["explained_var"])
+    s, p, v = updated(dict(shrink=2))                                      # merged rounds: other states than visited
+    assert s["traj_gap"] > 1e-3 > 1e-5 > base["traj_gap"]
+    s, p, v = updated(dict(advantage="group"))                             # CJ-GRPO: no value head
+    assert s["value_loss"] is None and not v.any() and moved(p)
+    s, p, v = updated(dict(acc_band=(0.3, 0.6)))                            # only groups with accuracy 0.5 kept
+    assert s["kept"] == pytest.approx(4 / 12) and base["kept"] == pytest.approx(1.0)
+    steps = []
+    updated(dict(minibatches=3), optimizer_steps=steps)
+    assert len(steps) == 3
+    torch.manual_seed(0)
+    start = torch.cat([w.flatten() for w in tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))[0].parameters()])
+    s, p, v = updated(dict(grad_clip=1e-6))             # two SGD steps of lr 3 on a gradient clipped to norm 1e-6
+    assert (policy - start).norm() > 1e-2 and (p - start).norm() <= 2 * 3.0 * 1e-6 * 1.01
+    shapes = []
+    real = tstar.forward_targets
+    monkeypatch.setattr(tstar, "forward_targets", lambda m, ids, *a, **k: shapes.append(ids.shape) or real(m, ids, *a, **k))
+    updated(dict(micro_batch_tokens=50))
+    assert max(n * T for n, T in shapes) <= 50 or min(n for n, _ in shapes if n * T > 50) == 1
+
+
+def test_every_curriculum_and_warm_start_setting_reaches_train(tmp_path, monkeypatch):
+    """train() with distinct values: stages at --block-sizes, --steps-per-stage steps each, shifted offsets at the
+    planned fraction, evaluations at --eval-block-sizes, --prompts-per-step problems x G samples drawn from the
+    seed's stream; --direct: every stage at the last block size. And warm_start: its steps, batch and peak lr."""
+    torch.manual_seed(0)
+    model, tok = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))
+    shapes, drawn = [], []
+    real = tstar.collect_rollouts
+
+    def spy(engine, tokenizer, problems, *a):
+        ro = real(engine, tokenizer, problems, *a)
+        shapes.append(tuple(ro.rewards.shape))
+        drawn.append([p["question"] for p in problems])
+        return ro
+    monkeypatch.setattr(tstar, "collect_rollouts", spy)
+    problems = [{"question": q + str(i), "answer": "", "task": "toy"} for i, q in enumerate(PROMPTS * 4)]
+
+    def run(name, **settings):
+        cfg = tstar.finalize_config(tstar.Config(**{"max_new_tokens": 8, "out_dir": str(tmp_path / name), **settings}))
+        (tmp_path / name).mkdir()
+        rec = tstar.Recorder(cfg, tmp_path / name, tok)
+        monkeypatch.setattr(rec, "stage_finished", lambda *a: None)
+        engine = tstar.Engine(model, tok, torch.float32, 64)
+        shapes.clear(), drawn.clear()
+        tstar.train(cfg, model, tstar.new_value_head(model), engine, tok, problems, {"toy": problems[:2]},
+                    lambda t, p: float(len(t) % 2), rec)
+        return [r for r in rec.records if r["kind"] == "train"], [r for r in rec.records if r["kind"] == "eval"]
+    settings = dict(block_sizes=(2, 4), steps_per_stage=3, shift_fraction=1 / 3, eval_block_sizes=(3, 5),
+                    prompts_per_step=2, group_size=3, seed=7)
+    train_records, evals = run("a", **settings)
+    assert [(r["block_size"], r["offset"]) for r in train_records] == [(2, 0), (2, 0), (2, 1), (4, 0), (4, 0), (4, 2)]
+    assert [(r["stage"], r["block_size"]) for r in evals] == [(s, B) for s in (0, 1, 2) for B in (3, 5)]
+    assert set(shapes) == {(2, 3)} and len(shapes) == 6
+    first = list(drawn)
+    train_records, _ = run("b", **{**settings, "seed": 8})
+    assert drawn != first and len(drawn) == 6                              # the seed's own draws
+    train_records, evals = run("c", **{**settings, "direct": True})
+    assert [r["block_size"] for r in train_records] == [4] * 6
+    # the warm start: --warm-start-steps steps of --warm-start-batch sequences at --warm-start-lr, at --base-block-size
+    batches, sizes = [], []
+    loss, mask = tstar.block_diffusion_loss, tstar.block_attention_mask
+    monkeypatch.setattr(tstar, "block_diffusion_loss", lambda m, prompts, *a: batches.append(len(prompts)) or loss(m, prompts, *a))
+    monkeypatch.setattr(tstar, "block_attention_mask", lambda *a, **k: sizes.append(a[5]) or mask(*a, **k))
+    data = {"question": [p["question"] for p in problems], "answer": ["1234"] * len(problems)}
+
+    def warm(**settings):
+        torch.manual_seed(0)
+        fresh = tstar.load_model_and_tokenizer(str(HERE / "tiny_config.json"))[0]
+        before = fresh.lm_head.weight.detach().clone()
+        losses = tstar.warm_start(fresh, tok, data, tstar.Config(**settings), "cpu")
+        return len(losses), (fresh.lm_head.weight.detach() - before).abs().max().item()
+    batches.clear(), sizes.clear()
+    steps, moved = warm(warm_start_steps=2, warm_start_batch=3, warm_start_lr=1e-3, base_block_size=5)
+    assert steps == 2 and batches == [3, 3] and set(sizes) == {5}
+    assert warm(warm_start_steps=1, warm_start_lr=1e-2)[1] > 3 * warm(warm_start_steps=1, warm_start_lr=1e-3)[1]

@@ -65,7 +65,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
 
@@ -739,7 +739,7 @@ def gae_over_steps(rewards, values, step_map, gamma: float = 1.0, lam: float = 1
     return (adv[0], ret[0]) if one else (adv, ret)
 
 
-def token_advantages(outcome, sample, token, step, values, gamma: float = 1.0, lam: float = 1.0):
+def token_advantages(outcome, sample, token, step, values, *, gamma: float = 1.0, lam: float = 1.0):
     """Per-target advantages and returns of TraceRL (equations above), for the targets of S samples.
 
     outcome: (S,) each sample's z-scored reward; sample, token, step, values: (M,) per target its sample
@@ -755,7 +755,7 @@ def token_advantages(outcome, sample, token, step, values, gamma: float = 1.0, l
     return adv[sample, token], ret[sample, token]
 
 
-def ppo_token_loss(logp, logp_old, adv, clip_eps: float, beta: float):
+def ppo_token_loss(logp, logp_old, adv, *, clip_eps: float, beta: float):
     """Per-token PPO-clip loss plus beta * k3 KL to the old policy. Returns (loss, ratio, kl), each (M,):
         rho = exp(logp - logp_old),  L = -min(rho A, clip(rho, 1 - eps, 1 + eps) A) + beta (e^d - 1 - d),
         d = logp_old - logp.
@@ -948,7 +948,7 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, plan, logp_old, v_o
             scored = score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id)
             for i, (tgt, logp, values, _) in enumerate(scored):
                 per_tok, ratio, kl = ppo_token_loss(logp, logp_old[tgt].to(dev), adv[tgt].to(dev),
-                                                    cfg.clip_eps, cfg.beta)
+                                                    clip_eps=cfg.clip_eps, beta=cfg.beta)
                 loss = (per_tok * weights[tgt].to(dev)).sum() / norm
                 plosses.append(loss.item())
                 if value_head is not None:
@@ -975,7 +975,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     B, offset = ro.block_size, ro.offset
     value_head = value_head if cfg.advantage == "gae" else None       # (CJ-GRPO has no value)
     # which samples teach something: per group, z-scored rewards (gae) or rewards minus the mean (group)
-    scores, keep = group_advantages(ro.rewards, cfg.advantage, cfg.band)                  # (prompts, G)
+    scores, keep = group_advantages(ro.rewards, cfg.advantage, cfg.acc_band)                  # (prompts, G)
     kept = keep.flatten().nonzero()[:, 0].tolist()
     stats = rollout_stats(ro.gens, ro.rewards, B, offset)
     stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))), **dict.fromkeys(
@@ -1007,7 +1007,8 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
             row = torch.full((len(ro.gens),), -1, dtype=torch.long)
             row[kept] = torch.arange(len(kept))                                           # sample -> 0..S-1
             outcome = scores.flatten()[kept]                                              # (S,) z-scored rewards
-            adv, ret = token_advantages(outcome, row[tb.sample], tb.token, tb.step, v_old, cfg.gamma, cfg.gae_lambda)
+            adv, ret = token_advantages(outcome, row[tb.sample], tb.token, tb.step, v_old, gamma=cfg.gamma,
+                                        lam=cfg.gae_lambda)
         stats["explained_var"] = explained_variance(ret, v_old)
     else:
         adv, ret = scores.flatten()[tb.sample], None
@@ -1071,7 +1072,7 @@ def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_probl
     """The T* loop: stages of TraceRL at growing block sizes, an evaluation and a checkpoint after each;
     `done` stages were finished by an earlier run (--resume). Each stage has a fresh AdamW (the policy at
     --lr, the value head at --value-lr); the weights and the value head carry over from stage to stage."""
-    plan = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
+    plan = stage_plan(cfg.block_sizes, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
     if done == 0:
         evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, 0, plan[0][0], 0)
     rank, size = world()
@@ -1111,7 +1112,7 @@ def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg
     n = cfg.eval_samples
     prompts = [ids for p in mine for ids in [encode_prompt(tokenizer, p["question"])] * n]     # encoded once
     mine = [p for p in mine for _ in range(n)]                             # n samples of each problem
-    seed = seed_for(cfg.seed, len(cfg.curriculum), block_size, rank)     # (the same for every stage)
+    seed = seed_for(cfg.seed, len(cfg.block_sizes), block_size, rank)     # (the same for every stage)
     t0 = time.time()
     gens = engine.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
                            generator=torch.Generator(engine.device).manual_seed(seed),
@@ -1131,7 +1132,7 @@ def evaluate_stage(engine: Engine, tokenizer, eval_sets, reward_fn, cfg: Config,
     """Evaluate after `stage` (0: the start model) at every evaluation block size, and record it."""
     engine.refresh()                              # (the rollout copy: the weights this stage ended with)
     for name, problems in eval_sets.items():
-        for B in cfg.eval_sizes:
+        for B in cfg.eval_block_sizes:
             metrics, gens = evaluate(engine, tokenizer, problems, reward_fn, cfg, B)
             rec.evaluation(dict(kind="eval", stage=stage, dataset=name, stage_block_size=stage_block_size,
                                 step=step, **metrics), gens)
@@ -1150,8 +1151,9 @@ def evaluate_stage(engine: Engine, tokenizer, eval_sets, reward_fn, cfg: Config,
 # ======================================================================================================
 # One dataclass holds every setting, and the command line is generated from it: each field's docstring is its
 # --help text, each "# --- name ---" comment its group (cleanrl's Args style). Defaults are the tiny CPU run;
-# with a checkpoint as --model (not the toy's), SDAR_PRESET's values replace them, and any flag given wins.
-# finalize_config checks every value, so a bad flag is one line of error before any work starts.
+# with a checkpoint as --model (not the toy's), SDAR_PRESET's values replace them, and any flag given wins. Each
+# field's type checks its flag's value (its range beside it, Annotated), finalize_config the few rules that relate
+# settings, so a bad flag is one line of error before any work starts.
 
 
 class UsageError(Exception):
@@ -1197,120 +1199,120 @@ def cache_failure(error: BaseException) -> str | None:
 @dataclass
 class Config:
     # --- run ---
-    model: str = "tiny_config.json"
+    model: str = str(Path(__file__).resolve().with_name("tiny_config.json"))
     """a config JSON (random init of that architecture, e.g. tiny_config.json), a local checkpoint
     directory, or a hub id such as JetLM/SDAR-1.7B-Chat"""
     device: str = "auto"
     """cpu, cuda, cuda:N, or auto (cuda if available, else cpu)"""
-    dtype: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """compute dtype: float32, bfloat16, or auto (bfloat16 on cuda, float32 on cpu)"""
-    seed: int = 0
+    seed: Annotated[int, checked(int, 0, 2 ** 32 - 1)] = 0
     """seed of the toy data, the initial weights, sampling and the curriculum"""
     out_dir: str = "runs/tiny"
     """where the warm start, stage checkpoints, metrics.jsonl, tables and plots go"""
 
     # --- sampler ---
-    base_block_size: int = 4
+    base_block_size: Annotated[int, checked(int, 1)] = 4
     """B of the model T* starts from (SDAR's 4): the tiny model's warm start trains at it"""
-    steps_per_block: int | None = None
+    steps_per_block: Annotated[int | None, checked(int, 1)] = None
     """K, denoising steps per block (default: K = B)"""
-    remasking: str = "dynamic"
+    remasking: Literal["static", "dynamic", "ass"] = "dynamic"
     """static: commit the step's quota by confidence; dynamic: also every token above tau; ass: 1, 2, 4, ...
     tokens per step (section 3)"""
-    threshold: float = 0.9
+    threshold: Annotated[float, checked(float, 0, 1)] = 0.9
     """tau, the confidence threshold of dynamic remasking"""
-    temperature: float = 0.0
+    temperature: Annotated[float, checked(float, 0)] = 0.0
     """evaluation sampling temperature (0 = greedy)"""
-    top_k: int = 0
+    top_k: Annotated[int, checked(int, 0)] = 0
     """sample only among the k most likely tokens (0 = off)"""
-    top_p: float = 1.0
+    top_p: Annotated[float, checked(float, above=0, high=1)] = 1.0
     """nucleus sampling: smallest set of tokens with this much probability (1 = off)"""
-    max_new_tokens: int = 64
+    max_new_tokens: Annotated[int, checked(int, 1)] = 64
     """length limit of a response; a response cut by it scores 0"""
     eoser: bool = False
     """EOSER (section 3): scale the confidence of stop-token candidates so that the end comes late"""
-    eoser_gamma_min: float = 0.4
+    eoser_gamma_min: Annotated[float, checked(float, above=0, high=1)] = 0.4
     """EOSER's factor at a block's first step"""
-    eoser_gamma_max: float = 1.0
+    eoser_gamma_max: Annotated[float, checked(float, above=0, high=1)] = 1.0
     """EOSER's factor at a block's last step"""
-    rollout_batch: int | None = None
+    rollout_batch: Annotated[int | None, checked(int, 1)] = None
     """rows per sampler call, for RL rollouts and evaluation (default: as many as fit in 90% of the free GPU
     memory left beside training, by each row's KV cache and block logits, at most 1024; 256 on the CPU)"""
     compile: bool = False
     """run the sampler's forward passes as captured CUDA graphs (CUDA only; the advice on a GPU)"""
 
     # --- data ---
-    train_size: int = 20000
+    train_size: Annotated[int, checked(int, 1)] = 20000
     """problems in the toy task's train split"""
-    test_size: int = 256
+    test_size: Annotated[int, checked(int, 1)] = 256
     """problems in the toy task's test split (disjoint from train)"""
 
     # --- warm start ---
-    warm_start_steps: int = 600
+    warm_start_steps: Annotated[int, checked(int, 1)] = 600
     """optimizer steps of the tiny model's block-diffusion SFT at --base-block-size"""
-    warm_start_batch: int = 32
+    warm_start_batch: Annotated[int, checked(int, 1)] = 32
     """sequences per warm-start step"""
-    warm_start_lr: float = 3e-3
+    warm_start_lr: Annotated[float, checked(float, above=0)] = 3e-3
     """peak learning rate of the warm start (a linear warm-up times a cosine decay to 10%, from step 0)"""
 
     # --- evaluation ---
     eval_only: bool = False
     """only evaluate --model (the warm-started tiny model by default) and exit"""
-    eval_block_sizes: str = ""
+    eval_block_sizes: Annotated[tuple, block_sizes_list] = ()
     """block sizes to evaluate at, comma-separated (default: those of --block-sizes)"""
-    eval_samples: int = 1
+    eval_samples: Annotated[int, checked(int, 1)] = 1
     """samples per evaluation problem: accuracy is their mean, pass@k uses all k of them"""
-    eval_limit: int = 0
+    eval_limit: Annotated[int, checked(int, 0)] = 0
     """evaluate only the first N problems of each evaluation set (0 = all)"""
-    eval_batch: int | None = None
+    eval_batch: Annotated[int | None, checked(int, 1)] = None
     """rows per sampler call during evaluation (default: --rollout-batch)"""
     show_trajectory: bool = False
     """print the decoding order of two evaluation samples at each stage's block size (every B with --eval-only)"""
 
     # --- T* curriculum and TraceRL ---
-    block_sizes: str = "4,8,16,32"
+    block_sizes: Annotated[tuple, block_sizes_list] = (4, 8, 16, 32)
     """the curriculum: one RL stage per block size, in this (increasing) order"""
-    steps_per_stage: int = 30
+    steps_per_stage: Annotated[int, checked(int, 1)] = 30
     """RL steps per stage"""
     direct: bool = False
     """baseline: as many stages and steps, all at the last block size (direct large-block TraceRL)"""
-    shift_fraction: float = 0.5
+    shift_fraction: Annotated[float, checked(float, 0, 1)] = 0.5
     """fraction of the RL batches of a stage that use shifted block boundaries (offset B/2)"""
     resume: bool = False
     """continue from the last finished stage in --out-dir"""
-    prompts_per_step: int = 32
+    prompts_per_step: Annotated[int, checked(int, 1)] = 32
     """prompts per RL step (over all processes)"""
-    group_size: int = 8
+    group_size: Annotated[int, checked(int, 2)] = 8
     """G, samples per prompt"""
-    rollout_temperature: float = 1.0
+    rollout_temperature: Annotated[float, checked(float, 0)] = 1.0
     """sampling temperature of the rollouts"""
-    lr: float = 3e-4
+    lr: Annotated[float, checked(float, above=0)] = 3e-4
     """learning rate of the policy (AdamW, no weight decay)"""
-    value_lr: float = 1e-3
+    value_lr: Annotated[float, checked(float, above=0)] = 1e-3
     """learning rate of the value head"""
-    clip_eps: float = 0.2
+    clip_eps: Annotated[float, checked(float, above=0)] = 0.2
     """PPO clip range of the policy ratio and of the value"""
-    beta: float = 0.01
+    beta: Annotated[float, checked(float, 0)] = 0.01
     """coefficient of the k3 KL penalty to the pre-update policy"""
-    gamma: float = 1.0
+    gamma: Annotated[float, checked(float, 0, 1)] = 1.0
     """discount over denoising steps"""
-    gae_lambda: float = 1.0
+    gae_lambda: Annotated[float, checked(float, 0, 1)] = 1.0
     """lambda of GAE over denoising steps"""
-    shrink: int = 1
+    shrink: Annotated[int, checked(int, 1)] = 1
     """merge runs of this many consecutive denoising steps of a block into one trace round"""
-    advantage: str = "gae"
+    advantage: Literal["gae", "group"] = "gae"
     """gae: TraceRL (z-scored reward, value head, GAE); group: CJ-GRPO (reward minus group mean, no value)"""
-    acc_band: str = "0,1"
+    acc_band: Annotated[tuple, accuracy_band] = (0.0, 1.0)
     """keep only prompts whose group accuracy lies in [low,high] (TraceRL: 0.2,0.8); groups that all agree
     are always dropped"""
-    minibatches: int = 2
+    minibatches: Annotated[int, checked(int, 1)] = 2
     """optimizer steps per RL step, each on a shuffled share of the trace sequences"""
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: Annotated[int, checked(int, 1)] = 4096
     """training tokens per forward pass, padding included (gradients are accumulated over micro-batches): a
     sample's packed sequence (section 5) longer than this is cut into several, and a micro-batch holds as many
     as fit; it also stops at 2^30 bytes of fp32 logits of targets. Activations grow with it: SDAR-1.7B takes
     8192 with --grad-checkpointing on an 80 GB GPU"""
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, checked(float, above=0)] = 1.0
     """clip the policy's gradient norm to this"""
     grad_checkpointing: bool = False
     """recompute activations in the backward pass (saves memory; on by default for checkpoints)"""
@@ -1319,35 +1321,72 @@ class Config:
     eval_datasets: str = "toy"
     """evaluation sets, comma-separated: toy, dataset names or local files"""
 
-    # --- derived by finalize_config (not flags): the values above parsed once ---
-    curriculum: tuple = ()              # --block-sizes as integers
-    eval_sizes: tuple = ()              # --eval-block-sizes (default: the curriculum's) as integers
-    band: tuple = (0.0, 1.0)            # --acc-band as (low, high)
+
+def checked(kind, low=None, high=None, above=None):
+    """An argparse type: a number of `kind` (finite) in [low, high], or above `above` (each bound optional)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+        if (low is not None and value < low) or (above is not None and value <= above) or \
+                (high is not None and value > high):
+            rule = (f"in [{low}, {high}]" if low is not None and high is not None else f"in ({above}, {high}]"
+                    if high is not None else f">= {low}" if low is not None else f"> {above}")
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
+        return value
+    parse.__name__ = kind.__name__                  # (argparse names the type in its messages)
+    return parse
 
 
-CHOICES = {"remasking": ("static", "dynamic", "ass"), "advantage": ("gae", "group"),
-           "dtype": ("auto", "float32", "bfloat16")}
-DERIVED = ("curriculum", "eval_sizes", "band")          # set by finalize_config, not flags
+def block_sizes_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated block sizes, each >= 1, increasing: "4,8,16,32"."""
+    import argparse
+    try:
+        sizes = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise argparse.ArgumentTypeError(f"must be increasing block sizes >= 1, got {text!r}")
+    return sizes
+
+
+def accuracy_band(text: str) -> tuple[float, float]:
+    """An argparse type: "low,high" with 0 <= low <= high <= 1."""
+    import argparse
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be two numbers low,high; got {text!r}") from None
+    if not 0 <= low <= high <= 1:
+        raise argparse.ArgumentTypeError(f"must satisfy 0 <= low <= high <= 1, got {text!r}")
+    return low, high
 
 
 # The paper's setting (TraceRL arXiv 2509.06949, T* arXiv 2601.11214), for a --model that is not the toy's.
 SDAR_PRESET = dict(
-    out_dir="runs/sdar", train_dataset="math", eval_datasets="math500", block_sizes="4,8,16,32",
+    out_dir="runs/sdar", train_dataset="math", eval_datasets="math500", block_sizes=(4, 8, 16, 32),
     steps_per_stage=100, prompts_per_step=64, group_size=16, rollout_temperature=1.0, temperature=1.0,
     remasking="dynamic", threshold=0.9, max_new_tokens=2000, lr=1e-6, value_lr=1e-4, grad_clip=1.0,
-    acc_band="0.2,0.8", eval_samples=3, micro_batch_tokens=8192, grad_checkpointing=True,
+    acc_band=(0.2, 0.8), eval_samples=3, micro_batch_tokens=8192, grad_checkpointing=True,
 )
 
 
 def build_parser():
-    """The command line, one flag per Config field, grouped by the Config's sections. Python keeps neither a
-    field's docstring nor its section comment at runtime, so both are read from the class's source."""
+    """The command line, one flag per Config field, grouped by the Config's sections; each field's type (its
+    Annotated check, its Literal choices) is the flag's. Python keeps neither a field's docstring nor its section
+    comment at runtime, so both are read from the class's source."""
     import argparse
     import ast
+    import typing
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):          # one line and exit code 2 (main), not argparse's usage block
-            raise UsageError(message)
+            raise UsageError(message.replace("argument ", "", 1).replace(": ", " ", 1))
 
     source = inspect.getsource(Config)
     body = ast.parse(source).body[0].body
@@ -1364,66 +1403,44 @@ def build_parser():
                     epilog="Defaults are the tiny CPU run; with a checkpoint (not the toy's) as --model the "
                            "paper's setting (SDAR_PRESET) replaces them, and any flag given wins.")
     groups = {s: parser.add_argument_group(s) for s in dict.fromkeys(sections.values())}
+    hints = typing.get_type_hints(Config, include_extras=True)
     for f in dataclasses.fields(Config):
-        if f.name in DERIVED:
-            continue
-        group = groups[sections[f.name]]
+        group, hint = groups[sections[f.name]], hints[f.name]
         flag, doc = "--" + f.name.replace("_", "-"), docs[f.name].replace("%", "%%")      # (argparse formats it)
-        if f.type == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc)
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=doc)
             continue
-        kind = {"int": int, "float": float, "str": str, "int | None": int}[f.type]
-        default = "" if f.default is None or "default" in doc else f" (default: {f.default})"
-        group.add_argument(flag, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
-                           metavar=None if f.name in CHOICES else f.name.upper(), help=doc + default)
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        kind = (typing.get_args(hint)[1] if typing.get_origin(hint) is typing.Annotated else
+                str if choices else checked(hint) if hint in (int, float) else hint)
+        shown = "" if f.default is None or "default" in doc else f" (default: {flag_value(f.default)})"
+        group.add_argument(flag, type=kind, default=f.default, choices=choices,
+                           metavar=None if choices else f.name.upper(), help=doc + shown)
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, set[str]]:
-    """Config from the command line; also returns the names of the fields the user set explicitly."""
-    given = vars(build_parser().parse_args(argv))
-    return Config(**given), set(given)
+def flag_value(value) -> str:
+    """A setting as its flag takes it: (4, 8) -> "4,8"."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
-# the range of every numeric flag: (lowest, highest or None, whether the lowest itself is allowed)
-RANGES = dict(
-    base_block_size=(1, None, True), steps_per_block=(1, None, True), threshold=(0, 1, True),
-    temperature=(0, None, True), rollout_temperature=(0, None, True), top_k=(0, None, True), top_p=(0, 1, False),
-    max_new_tokens=(1, None, True), eoser_gamma_min=(0, 1, False), eoser_gamma_max=(0, 1, False),
-    rollout_batch=(1, None, True), seed=(0, 2 ** 32 - 1, True), train_size=(1, None, True),
-    test_size=(1, None, True), warm_start_steps=(1, None, True), warm_start_batch=(1, None, True),
-    warm_start_lr=(0, None, False), eval_samples=(1, None, True), eval_limit=(0, None, True),
-    eval_batch=(1, None, True), steps_per_stage=(1, None, True), shift_fraction=(0, 1, True),
-    prompts_per_step=(1, None, True), group_size=(2, None, True), lr=(0, None, False), value_lr=(0, None, False),
-    clip_eps=(0, None, False), beta=(0, None, True), gamma=(0, 1, True), gae_lambda=(0, 1, True),
-    shrink=(1, None, True), minibatches=(1, None, True), micro_batch_tokens=(1, None, True), grad_clip=(0, None, False),
-)
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """Config from the command line: the tiny run's defaults, or with a checkpoint (not the toy's) as --model the
+    paper's setting (SDAR_PRESET) as the defaults; any flag given wins."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not is_toy_model(args.model):
+        parser.set_defaults(**SDAR_PRESET)
+        args = parser.parse_args(argv)
+    return Config(**vars(args))
 
 
-def finalize_config(cfg: Config, given: set[str]) -> Config:
-    """Apply the preset (not to the toy), parse the lists once (cfg.curriculum, cfg.eval_sizes, cfg.band) and
-    check every setting: one clear error for the first bad one."""
+def finalize_config(cfg: Config) -> Config:
+    """The checks that relate settings to each other or to the machine (each flag checked its own value), and the
+    defaults that name other settings: one clear error for the first bad one."""
     if not cfg.model.strip():
         raise UsageError("--model is empty: give a config JSON, a checkpoint directory or a hub id")
-    if "model" not in given and cfg.model == Config.model:      # the project's own file, wherever tstar runs from
-        cfg = dataclasses.replace(cfg, model=str(Path(__file__).resolve().with_name(Config.model)))
-    if not is_toy_model(cfg.model):
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in SDAR_PRESET.items() if k not in given})
-    for f in dataclasses.fields(cfg):
-        name, value = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
-        if f.type == "float" and not math.isfinite(value):
-            raise UsageError(f"{name} must be a finite number, got {value}")
-        low, high, closed = RANGES.get(f.name, (None, None, True))
-        if low is not None and value is not None and (value < low or value == low and not closed or
-                                                      high is not None and value > high):
-            if high is None:
-                raise UsageError(f"{name} must be {'>=' if closed else '>'} {low}, got {value}")
-            raise UsageError(f"{name} must be in {'[' if closed else '('}{low}, {high}], got {value}")
-    sizes = parse_int_list(cfg.block_sizes, "--block-sizes")
-    eval_sizes = parse_int_list(cfg.eval_block_sizes or cfg.block_sizes, "--eval-block-sizes")
     checks = [
-        (min(sizes + eval_sizes) >= 1, f"block sizes must be >= 1, got {cfg.block_sizes} / {cfg.eval_block_sizes}"),
-        (all(b2 > b1 for b1, b2 in zip(sizes, sizes[1:])), f"--block-sizes must be increasing, got {cfg.block_sizes}"),
         (re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device) is not None,
          f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
         (cfg.out_dir.strip() != "", "--out-dir is empty"),
@@ -1433,28 +1450,7 @@ def finalize_config(cfg: Config, given: set[str]) -> Config:
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-    return dataclasses.replace(cfg, curriculum=tuple(sizes), eval_sizes=tuple(eval_sizes),
-                               band=parse_band(cfg.acc_band))
-
-
-def parse_int_list(text: str, name: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise UsageError(f"{name} is empty")
-    return values
-
-
-def parse_band(text: str) -> tuple[float, float]:
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"--acc-band must be two numbers low,high; got {text!r}") from None
-    if not 0 <= low <= high <= 1:
-        raise UsageError(f"--acc-band must satisfy 0 <= low <= high <= 1, got {text!r}")
-    return low, high
+    return dataclasses.replace(cfg, eval_block_sizes=cfg.eval_block_sizes or cfg.block_sizes)
 
 
 def check_fits(prompt_len: int, max_new_tokens: int, max_positions: int, block_size: int, offset: int) -> None:
@@ -2874,7 +2870,7 @@ def warm_started(cfg: Config, model, tokenizer, train: list[dict], device, out: 
 
 def stage_dir(cfg: Config, out: Path, stage: int) -> Path:
     """out/stage{k}-B{B}: the checkpoint after stage k (from 1) of cfg's curriculum, at that stage's block size."""
-    B = stage_plan(cfg.curriculum, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)[stage - 1][0]
+    B = stage_plan(cfg.block_sizes, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)[stage - 1][0]
     return out / f"stage{stage}-B{B}"
 
 
@@ -2973,10 +2969,11 @@ def stages_done(cfg: Config, out: Path) -> int:
     now = json.loads(json_text(dataclasses.asdict(cfg)))            # (as saved: tuples become lists)
     # every setting that shapes training must be the one the stage was trained with (the flags, not the values
     # finalize_config derives from them)
-    differ = [k for k in now if k not in RESUME_MAY_DIFFER + DERIVED and saved.get(k) != now[k]]
+    differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
     # (and the stage must exist in this curriculum, under the name this curriculum gives it)
-    if differ or done > len(cfg.curriculum) or last != stage_dir(cfg, out, done):
-        changes = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} then, {now[k]} now" for k in differ[:3])
+    if differ or done > len(cfg.block_sizes) or last != stage_dir(cfg, out, done):
+        changes = ", ".join(f"--{k.replace('_', '-')} {flag_value(saved.get(k))} then, {flag_value(now[k])} now"
+                            for k in differ[:3])
         raise UsageError(f"--resume: stage {done} in {out} was trained with other settings "
                          f"({changes or 'another --block-sizes'}); resume with the same flags, or choose another "
                          f"--out-dir")
@@ -3074,7 +3071,7 @@ class Recorder:
         sums = check_in_sync(engine)
         save_checkpoint(stage_dir(self.cfg, self.out, stage), model, self.tokenizer, value_head,
                         info=dict(task=self.cfg.train_dataset, stage=stage, block_size=B,
-                                  plan=stage_plan(self.cfg.curriculum, self.cfg.steps_per_stage,
+                                  plan=stage_plan(self.cfg.block_sizes, self.cfg.steps_per_stage,
                                                   self.cfg.shift_fraction, self.cfg.direct),
                                   config=dataclasses.asdict(self.cfg), rollout_copy_sum_per_process=sums))
         barrier()
@@ -3104,7 +3101,7 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> st
 def results_table(records: Sequence[dict], cfg: Config) -> str:
     """Rows: warm start (or the start model), then each stage; columns: accuracy and TPF at each
     evaluation block size, and LocalStrict at each."""
-    sizes = cfg.eval_sizes
+    sizes = cfg.eval_block_sizes
     rows = {}                                     # (stage, dataset) -> one row of the table
     for r in records:
         if r["kind"] == "eval":                   # one record per (stage, dataset, block size)
@@ -3204,7 +3201,7 @@ def run(cfg: Config) -> None:
         done = stages_done(cfg, out)              # stages an earlier run finished (--resume), else 0
         no_results_replaced(cfg, out)
         if is_main():
-            print("config: " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items() if k not in DERIVED))
+            print("config: " + " ".join(f"{k}={flag_value(v)}" for k, v in dataclasses.asdict(cfg).items()))
 
         # the model and the data, and every check that needs them, before any long work
         dtype = compute_dtype(cfg, device)
@@ -3212,7 +3209,7 @@ def run(cfg: Config) -> None:
         # (a config JSON: fp32 until the warm start is trained, which a bf16 AdamW would do badly)
         model, tokenizer = load_in_turns(cfg.model, device,
                                          torch.float32 if is_architecture_file(cfg.model) else storage)
-        all_block_sizes = sorted({*cfg.curriculum, cfg.base_block_size, *cfg.eval_sizes})
+        all_block_sizes = sorted({*cfg.block_sizes, cfg.base_block_size, *cfg.eval_block_sizes})
         for B in all_block_sizes:
             check_block_size(B, cfg.steps_per_block, model.config.max_position_embeddings)
         train_problems, eval_sets, reward_fn = load_task(cfg)    # (bad data files stop here)
@@ -3285,8 +3282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stderr, no traceback), 130 when interrupted (finished stages are kept)."""
     cfg = None
     try:
-        cfg, given = parse_args(argv)             # given: the flags set on the command line (they beat the preset)
-        cfg = finalize_config(cfg, given)
+        cfg = finalize_config(parse_args(argv))
         run(cfg)
     except UsageError as e:                       # (every process of torchrun exits 2; rank 0 says why, once)
         if int(os.environ.get("RANK", "0")) == 0:
