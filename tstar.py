@@ -340,6 +340,52 @@ def eoser_factor(s: int, n_steps: torch.Tensor, g_min: float, g_max: float) -> t
     return torch.where(n_steps > 1, g_min + (g_max - g_min) * frac, g_max)
 
 
+@dataclass
+class Frame:
+    """The state of a batch of rows in one padded frame: row i's position p sits at column pad_i + p."""
+    x: torch.Tensor          # (n, W) tokens: prompt, then the decoded response (the fill id elsewhere)
+    pos: torch.Tensor        # (n, W) position of each column in its row (0 on left padding)
+    valid: torch.Tensor      # (n, W) a real token or response slot
+    is_resp: torch.Tensor    # (n, W) a response slot
+    end: torch.Tensor        # (n,) column just past the row's last block
+    live: torch.Tensor       # (n,) still decoding
+    step_map: torch.Tensor   # (n, W) the row's step that finalized each response token
+    logp: torch.Tensor       # (n, W) the log-prob the sampler gave it then
+    nfe: torch.Tensor        # (n,) denoising forwards so far
+    index: torch.Tensor      # (n,) the row's place in the caller's list of prompts
+    D: int                   # first decoded column, a block boundary of every row
+
+    def select(self, keep: torch.Tensor) -> "Frame":
+        """The frame with only the rows `keep` (for compaction; a row kept twice is a copy)."""
+        return Frame(**{f.name: getattr(self, f.name)[keep] if f.name != "D" else self.D
+                        for f in dataclasses.fields(self)})
+
+
+def padded_frame(prompts, block_size: int, offset: int, max_new_tokens: int, fill_id: int, device) -> Frame:
+    """Lay the prompts out in one frame, the first decoded block of every row at column D, and each row's response
+    rounded up to whole blocks."""
+    B = block_size
+    P = torch.tensor([len(p) for p in prompts], device=device)                # (n,)
+    first = offset + block_index(P, B, offset) * B    # start of the block holding P; < 0 is a virtual
+    D = max(int(first.max()), 0)                      # block reaching before 0 (only when offset > 0)
+    pad = D - first                                                            # (n,)
+    end = D + B * torch.div(pad + P + max_new_tokens - D + B - 1, B, rounding_mode="floor")   # (n,)
+    W = int(end.max())
+    col = torch.arange(W, device=device)
+    pos = col[None, :] - pad[:, None]                                          # (n, W)
+    valid = (pos >= 0) & (col[None, :] < end[:, None])
+    is_resp = valid & (pos >= P[:, None])
+    x = torch.full((len(prompts), W), fill_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):                                            # one copy per row
+        x[i, pad[i]: pad[i] + len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    n = len(prompts)
+    return Frame(x=x, pos=pos.clamp(min=0), valid=valid, is_resp=is_resp, end=end,
+                 live=torch.ones(n, dtype=torch.bool, device=device),
+                 step_map=torch.zeros(n, W, dtype=torch.long, device=device),
+                 logp=torch.zeros(n, W, device=device), nfe=torch.zeros(n, dtype=torch.long, device=device),
+                 index=torch.arange(n, device=device), D=D)
+
+
 def generation_of(frame: Frame, i: int, c_end: int, stops, max_new_tokens: int, prompt_len: int, offset: int):
     """Row i of the frame, decoded through column c_end, as a Generation: the response runs through its first
     stop token, and at most max_new_tokens (a response without a stop token in them was truncated)."""
@@ -370,15 +416,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
     was_training = model.training
     model.eval()                       # (training mode with gradient checkpointing would disable the cache)
     dev = next(model.parameters()).device
-    N = len(prompts)
-    rows = decoder.rows_for(N) if decoder else N          # (CUDA graphs: a fixed number of rows, padded)
-    frame = padded_frame(list(prompts) + [prompts[0]] * (rows - N), B, offset, max_new_tokens,
-                         decoder.width if decoder else 0, stop_ids[0] if stop_ids else mask_id, dev)
-    frame.live[N:] = False
-    decoder = decoder or Decoder(model, rows, frame.x.shape[1], kv_cache)
-    decoder.start(frame, B, offset)                                           # prefill the prompts' whole blocks
+    frame = padded_frame(prompts, B, offset, max_new_tokens, stop_ids[0] if stop_ids else mask_id, dev)
+    decoder = decoder or Decoder(model, len(prompts), frame.x.shape[1], kv_cache)
+    frame = decoder.start(frame, B, offset)                 # prefill the prompts' whole blocks (in the decoder's shape)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
-    results: list[Generation | None] = [None] * N
+    results: list[Generation | None] = [None] * len(prompts)
 
     for c in range(frame.D, int(frame.end.max()), B):                         # block by block: columns c..c+B-1
         todo = frame.is_resp[:, c: c + B] & frame.live[:, None]               # (n, B) still masked
@@ -416,6 +458,15 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
     return results
 
 
+def sampler_kwargs(cfg: Config, block_size: int, rollout: bool = False) -> dict:
+    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation; the Engine adds the
+    mask and stop ids."""
+    return dict(block_size=block_size, steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
+                temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
+                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
+
+
 # ======================================================================================================
 # 4. Warm start: block-diffusion SFT (SDAR's loss)
 # ======================================================================================================
@@ -451,24 +502,6 @@ def diffusion_layout(prompt, response, masked, block_size: int, offset: int, mas
     noisy = torch.arange(len(pos), device=prompt.device) >= P + L
     col = P + L + (P - b0) + torch.arange(L, device=prompt.device)
     return ids, pos.expand(R, -1), noisy.expand(R, -1), col
-
-
-def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_size: int, offset: int,
-                    value_head=None, entropy: bool = False):
-    """log p(label) at (rows, cols) of a padded batch of training sequences, and optionally the value
-    head's estimate there and the entropy of the model's distribution there (for the log).
-    ids/pos/noisy/valid: (n, T); rows, cols, labels: (M,). Returns logp, values, entropy: (M,) or None."""
-    mask = block_attention_mask(pos, noisy, pos, noisy, valid, block_size, offset)    # (n, 1, T, T)
-    h = hidden_states(model, ids, pos, mask)[rows, cols]                                # (M, H)
-    logp_all = model.lm_head(h).float().log_softmax(-1)                                 # (M, V)
-    logp = logp_all.gather(1, labels[:, None]).squeeze(1)                               # (M,)
-    values = ent = None
-    if value_head is not None:                  # fp32: autocast would run the Linear in bf16 whatever its input
-        with torch.autocast(h.device.type, enabled=False):
-            values = value_head(h.detach().float()).squeeze(-1)
-    if entropy:                                                                         # H = -sum_v p log p
-        ent = -(logp_all.detach().exp() * logp_all.detach()).sum(-1)
-    return logp, values, ent
 
 
 def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: int, pad_id: int,
@@ -519,7 +552,7 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
     model.train()
     # each step: a batch of random problems (with replacement), each with its own noise level p (SDAR's loss)
     losses = []
-    bar = tqdm(range(cfg.warm_start_steps), desc=f"warm start (B={B})", disable=not is_main(), mininterval=10)
+    bar = tqdm(range(cfg.warm_start_steps), desc=f"warm start (B={B})", mininterval=10)   # (on rank 0 alone)
     for _ in bar:
         pick = torch.randint(len(prompts), (cfg.warm_start_batch,), generator=gen).tolist()
         loss = block_diffusion_loss(model, [prompts[i] for i in pick], [answers[i] for i in pick], B,
@@ -844,6 +877,11 @@ def local_strict(step_maps: Sequence[Sequence[int]], prompt_lens: Sequence[int],
     return ordered, pairs
 
 
+def global_mean(x: torch.Tensor) -> float:
+    """The mean of x's elements over all processes: a ratio of sums (0 when there are none)."""
+    return dist_sum(x.double().sum().item()) / max(1.0, dist_sum(x.numel()))
+
+
 def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: int = 0) -> dict:
     """accuracy, TPF, LocalStrict (None without pairs), mean length and NFE, and the fraction of responses
     truncated by the length limit, each a ratio of sums over the samples of all processes."""
@@ -905,6 +943,85 @@ def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward
                            **sampler_kwargs(cfg, block_size, rollout=True))
     rewards = rewards_of(gens, problems, tokenizer, reward_fn)                                   # (samples,)
     return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
+
+
+LOGIT_BYTES = 2 ** 30    # fp32 logits of a micro-batch's targets: at most this much (1,766 targets at SDAR's vocab)
+
+
+def pad_rows(ids, pos, noisy, pad_id: int):
+    """Right-pad lists of 1-D row tensors into (n, T) tensors plus the real-token mask."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    valid = pad_sequence([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in ids], batch_first=True)
+    return (pad_sequence(list(ids), batch_first=True, padding_value=pad_id),
+            pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
+
+
+def trainer_budget(cfg: Config, vocab_size: int) -> tuple[int, int]:
+    """(tokens, targets) one forward of the trainer may hold: --micro-batch-tokens, padding included, and as many
+    targets as have their fp32 logits (targets x vocab x 4 bytes) within LOGIT_BYTES. With real weights dynamic
+    decoding commits most of a block at its first step, so the targets of 2000-token responses would make
+    4.9 GB of logits per copy at SDAR's vocabulary of 151,936 if nothing cut them."""
+    return cfg.micro_batch_tokens, max(1, LOGIT_BYTES // (4 * vocab_size))
+
+
+def micro_batches(tb: TraceBatch, seqs: Sequence[int], budget: tuple[int, int]) -> list[list[int]]:
+    """The training sequences `seqs` in groups of one forward each, longest first (less padding): as many as fit
+    the budget (trainer_budget) padded to the longest (a sequence over budget forms a group alone)."""
+    max_tokens, max_targets = budget
+    groups, group, targets = [], [], 0
+    for k in sorted(seqs, key=lambda k: -len(tb.ids[k])):
+        m = int(tb.ptr[k + 1] - tb.ptr[k])
+        if group and (len(tb.ids[group[0]]) * (len(group) + 1) > max_tokens or targets + m > max_targets):
+            groups.append(group)
+            group, targets = [], 0
+        group.append(k)
+        targets += m
+    return groups + [group] if group else groups
+
+
+def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_size: int, offset: int,
+                    value_head=None, entropy: bool = False):
+    """log p(label) at (rows, cols) of a padded batch of training sequences, and optionally the value
+    head's estimate there and the entropy of the model's distribution there (for the log).
+    ids/pos/noisy/valid: (n, T); rows, cols, labels: (M,). Returns logp, values, entropy: (M,) or None."""
+    mask = block_attention_mask(pos, noisy, pos, noisy, valid, block_size, offset)    # (n, 1, T, T)
+    h = hidden_states(model, ids, pos, mask)[rows, cols]                                # (M, H)
+    logp_all = model.lm_head(h).float().log_softmax(-1)                                 # (M, V)
+    logp = logp_all.gather(1, labels[:, None]).squeeze(1)                               # (M,)
+    values = ent = None
+    if value_head is not None:                  # fp32: autocast would run the Linear in bf16 whatever its input
+        with torch.autocast(h.device.type, enabled=False):
+            values = value_head(h.detach().float()).squeeze(-1)
+    if entropy:                                                                         # H = -sum_v p log p
+        ent = -(logp_all.detach().exp() * logp_all.detach()).sum(-1)
+    return logp, values, ent
+
+
+def score_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence[int]], block_size: int,
+                    offset: int, pad_id: int, entropy: bool = False):
+    """Forward the training sequences one micro-batch (a list of sequence indices, micro_batches) at a time.
+    Yields (targets, logp, values, entropy) per micro-batch: the indices of its targets in tb's flat arrays and
+    their log-probs, values and (with entropy=True) the entropy of the policy there, each (M_mb,). An empty
+    micro-batch (the padding of as_many_everywhere) forwards a stand-in and yields empty tensors."""
+    dev = next(model.parameters()).device
+    for chunk in chunks:
+        if not chunk:                 # (FSDP's padding: one clean token, its own target; a loss made of the empty
+            one = torch.tensor([[pad_id]], device=dev)    # results is 0, and its backward still reaches every weight)
+            z = torch.zeros_like(one)
+            logp, values, ent = forward_targets(model, one, z, z, z == 0, z[0], z[0], one[0], 1, 0, value_head, entropy)
+            yield torch.zeros(0, dtype=torch.long), logp[:0], values[:0] if values is not None else None, \
+                ent[:0] if ent is not None else None
+            continue
+        counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
+        tgt = tb.targets(chunk)
+        ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
+                                          [tb.noisy[k] for k in chunk], pad_id)
+        rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)
+        logp, values, ent = forward_targets(model, ids.to(dev), pos.to(dev), noisy.to(dev), valid.to(dev),
+                                            rows.to(dev), tb.col[tgt].to(dev), tb.label[tgt].to(dev),
+                                            block_size, offset, value_head, entropy)
+        yield tgt, logp, values, ent
 
 
 def minibatch_plan(tb: TraceBatch, cfg: Config, budget: tuple[int, int], shuffle) -> list[list[list[int]]]:
@@ -971,16 +1088,14 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     """The TraceRL update on a batch of rollouts (steps 2-5 of rl_step). Under FSDP each process passes its
     own rollouts; every mean is taken over all processes, so N processes make the update one process would
     make on the union of their rollouts (with --minibatches 1; with more, each process splits its own).
-    Statistics that were not measured (no group with a signal; no value head) are None."""
+    Statistics that were not measured (no group with a signal; no value head) are absent or None."""
     B, offset = ro.block_size, ro.offset
     value_head = value_head if cfg.advantage == "gae" else None       # (CJ-GRPO has no value)
     # which samples teach something: per group, z-scored rewards (gae) or rewards minus the mean (group)
     scores, keep = group_advantages(ro.rewards, cfg.advantage, cfg.acc_band)                  # (prompts, G)
     kept = keep.flatten().nonzero()[:, 0].tolist()
     stats = rollout_stats(ro.gens, ro.rewards, B, offset)
-    stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))), **dict.fromkeys(
-        ("traj_gap", "traj_gap_max", "traj_gap_over", "entropy", "explained_var", "clipfrac", "kl", "policy_loss",
-         "grad_norm", "value_loss")))
+    stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))))
 
     # 2. the states the sampler visited, as training sequences
     budget = trainer_budget(cfg, policy.config.vocab_size)          # (tokens, targets) of one forward
@@ -1021,14 +1136,14 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
 
 
 def rl_step(policy, value_head, opt, engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
-            block_size: int, offset: int, generator) -> dict:
-    """One TraceRL step: rollouts from the engine, then a PPO update of the policy and the value head.
-    `generator` drives the sampling on the model's device; the shuffle of the update runs on the CPU (on
-    the CPU that is the same generator, continued)."""
+            block_size: int, offset: int, seed: int) -> dict:
+    """One TraceRL step: rollouts from the engine, then a PPO update of the policy and the value head. `seed`
+    starts two random streams: the sampling's, on the model's device, and the update's shuffle, on the CPU."""
     t0 = time.time()
-    ro = collect_rollouts(engine, tokenizer, problems, reward_fn, cfg, block_size, offset, generator)
-    shuffle = generator if generator.device.type == "cpu" else torch.Generator().manual_seed(generator.initial_seed())
-    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id, shuffle)
+    ro = collect_rollouts(engine, tokenizer, problems, reward_fn, cfg, block_size, offset,
+                          torch.Generator(engine.device).manual_seed(seed))
+    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id,
+                       torch.Generator().manual_seed(seed))
     return {**stats, "seconds": time.time() - t0}
 
 
@@ -1062,16 +1177,22 @@ def seed_for(seed: int, stage: int = 0, step: int = 0, rank: int = 0) -> int:
     `rank`, and evaluation (the stage after the last). 10,007 and 101 are primes and the processes lie
     1,000,000,007 apart, so two of a run's streams share a seed only if their steps differ by a multiple of
     10,007. The warm start and the initial weights use seed_for(seed), the first rollouts' seed (for masks and
-    weights, not samples). A step's problems are drawn with Python's random from "seed-stage-step", the same
-    on every process."""
+    weights, not samples). The problems of a step are drawn from the same (stage, step) by draw_problems."""
     return seed * 1_000_003 + stage * 10_007 + step * 101 + rank * 1_000_000_007
 
 
+def draw_problems(problems: Sequence[dict], n: int, seed: int, stage: int, step: int) -> list[dict]:
+    """n distinct problems for RL step `step` of stage `stage`: Python's random seeded "seed-stage-step", the same
+    draw on every process (each takes every N-th)."""
+    return random.Random(f"{seed}-{stage}-{step}").sample(list(problems), n)
+
+
 def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_problems, eval_sets, reward_fn,
-          rec: Recorder, done: int = 0) -> None:
-    """The T* loop: stages of TraceRL at growing block sizes, an evaluation and a checkpoint after each;
-    `done` stages were finished by an earlier run (--resume). Each stage has a fresh AdamW (the policy at
-    --lr, the value head at --value-lr); the weights and the value head carry over from stage to stage."""
+          rec: Recorder, done: int = 0, save=None) -> None:
+    """The T* loop: stages of TraceRL at growing block sizes, an evaluation and a checkpoint after each
+    (save(stage, B), from run: Part II's save_stage); `done` stages were finished by an earlier run (--resume).
+    Each stage has a fresh AdamW (the policy at --lr, the value head at --value-lr); the weights and the value
+    head carry over from stage to stage."""
     plan = stage_plan(cfg.block_sizes, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)
     if done == 0:
         evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, 0, plan[0][0], 0)
@@ -1081,16 +1202,16 @@ def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_probl
         opt = torch.optim.AdamW([{"params": model.parameters(), "lr": cfg.lr},
                                  {"params": value_head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
         for step, offset in enumerate(offsets):
-            # the step's problems: one draw, the same on every process, which takes every N-th of them; the
-            # sampling of its rollouts: a random stream of its own (seed_for)
-            problems = random.Random(f"{cfg.seed}-{k}-{step}").sample(train_problems, cfg.prompts_per_step)
-            generator = torch.Generator(engine.device).manual_seed(seed_for(cfg.seed, k, step, rank))
+            # the step's problems: one draw, the same on every process, which takes every N-th of them; its
+            # rollouts and its update's shuffle: random streams of their own (seed_for)
+            problems = draw_problems(train_problems, cfg.prompts_per_step, cfg.seed, k, step)
             stats = rl_step(model, value_head, opt, engine, tokenizer, problems[rank::size], reward_fn, cfg, B,
-                            offset, generator)
+                            offset, seed_for(cfg.seed, k, step, rank))
             rec.rl_step(dict(kind="train", stage=k + 1, block_size=B, offset=offset, stage_step=step,
                              step=k * cfg.steps_per_stage + step + 1, **stats))
         evaluate_stage(engine, tokenizer, eval_sets, reward_fn, cfg, rec, k + 1, B, (k + 1) * cfg.steps_per_stage)
-        rec.stage_finished(k + 1, B, model, value_head, engine)
+        if save is not None:
+            save(k + 1, B)
     rec.finished()
 
 
@@ -2002,53 +2123,6 @@ def load_task(cfg: Config):
 # copy of its weights in the compute dtype, --rollout-batch rows at a time.
 
 
-@dataclass
-class Frame:
-    """The state of a batch of rows in one padded frame: row i's position p sits at column pad_i + p."""
-    x: torch.Tensor          # (n, W) tokens: prompt, then the decoded response (the fill id elsewhere)
-    pos: torch.Tensor        # (n, W) position of each column in its row (0 on left padding)
-    valid: torch.Tensor      # (n, W) a real token or response slot
-    is_resp: torch.Tensor    # (n, W) a response slot
-    end: torch.Tensor        # (n,) column just past the row's last block
-    live: torch.Tensor       # (n,) still decoding
-    step_map: torch.Tensor   # (n, W) the row's step that finalized each response token
-    logp: torch.Tensor       # (n, W) the log-prob the sampler gave it then
-    nfe: torch.Tensor        # (n,) denoising forwards so far
-    index: torch.Tensor      # (n,) the row's place in the caller's list of prompts
-    D: int                   # first decoded column, a block boundary of every row
-
-    def select(self, keep: torch.Tensor) -> "Frame":
-        """The frame with only the rows `keep` (for compaction)."""
-        return Frame(**{f.name: getattr(self, f.name)[keep] if f.name != "D" else self.D
-                        for f in dataclasses.fields(self)})
-
-
-def padded_frame(prompts, block_size: int, offset: int, max_new_tokens: int, width: int, fill_id: int,
-                 device) -> Frame:
-    """Lay the prompts out in one frame of at least `width` columns, the first decoded block of every row
-    at column D, and each row's response rounded up to whole blocks."""
-    B = block_size
-    P = torch.tensor([len(p) for p in prompts], device=device)                # (n,)
-    first = offset + block_index(P, B, offset) * B    # start of the block holding P; < 0 is a virtual
-    D = max(int(first.max()), 0)                      # block reaching before 0 (only when offset > 0)
-    pad = D - first                                                            # (n,)
-    end = D + B * torch.div(pad + P + max_new_tokens - D + B - 1, B, rounding_mode="floor")   # (n,)
-    W = max(int(end.max()), width)
-    col = torch.arange(W, device=device)
-    pos = col[None, :] - pad[:, None]                                          # (n, W)
-    valid = (pos >= 0) & (col[None, :] < end[:, None])
-    is_resp = valid & (pos >= P[:, None])
-    x = torch.full((len(prompts), W), fill_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):                                            # one copy per row
-        x[i, pad[i]: pad[i] + len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-    n = len(prompts)
-    return Frame(x=x, pos=pos.clamp(min=0), valid=valid, is_resp=is_resp, end=end,
-                 live=torch.ones(n, dtype=torch.bool, device=device),
-                 step_map=torch.zeros(n, W, dtype=torch.long, device=device),
-                 logp=torch.zeros(n, W, device=device), nfe=torch.zeros(n, dtype=torch.long, device=device),
-                 index=torch.arange(n, device=device), D=D)
-
-
 class KVCache:
     """Keys and values of every layer in buffers allocated once, (rows, kv heads, width, head dim), and
     written in place. The model's attention calls update() with the keys and values of its queries; they
@@ -2135,17 +2209,26 @@ class Decoder:
         self.captured: dict = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
-    def start(self, frame: Frame, block_size: int, offset: int) -> None:
-        """Prefill: cache the clean keys and values of the prompts' whole blocks, columns [0, D), a few rows at a
-        time (at most PREFILL_TOKENS tokens per forward, or one row, so that its activations stay small)."""
+    def start(self, frame: Frame, block_size: int, offset: int) -> Frame:
+        """The frame in this Decoder's shape (with graphs, rows padded to a row bucket with copies of a row marked
+        finished; columns to its width), after the prefill: the clean keys and values of the prompts' whole blocks,
+        columns [0, D), cached a few rows at a time (at most PREFILL_TOKENS tokens per forward, or one row, so that
+        its activations stay small)."""
         self.B, self.offset = block_size, offset
         self.masks = {}                               # (a mask depends on the batch's padding: never reuse one)
-        n, D = frame.x.shape[0], frame.D
-        if self.cache is None or D == 0:
-            return
-        if self.cache.keys[0].shape[2] < frame.x.shape[1] or self.rows < n:
-            raise ValueError(f"a frame of {n} x {frame.x.shape[1]} does not fit the decoder's cache "
+        n, W = frame.x.shape
+        if self.cache is not None and (self.cache.keys[0].shape[2] < W or self.rows < n):
+            raise ValueError(f"a frame of {n} x {W} does not fit the decoder's cache "
                              f"({self.rows} x {self.cache.keys[0].shape[2]})")
+        rows = row_bucket(n, self.rows) if self.graphs else n
+        frame = frame.select(torch.cat([torch.arange(n), torch.zeros(rows - n, dtype=torch.long)]))
+        frame.live[n:] = False
+        if self.width > W:                            # new columns: token 0 at position 0, not valid: never seen
+            frame = dataclasses.replace(frame, **{k: F.pad(getattr(frame, k), (0, self.width - W))
+                                                  for k in ("x", "pos", "valid", "is_resp", "step_map", "logp")})
+        n, D = rows, frame.D
+        if self.cache is None or D == 0:
+            return frame
         self.cache.kv_len, self.cache.write_at = D, torch.arange(D, device=frame.x.device)
         per_forward = max(1, PREFILL_TOKENS // D)
         for lo in range(0, n, per_forward):
@@ -2153,6 +2236,7 @@ class Decoder:
             pos, clean = frame.pos[r, :D], torch.zeros_like(frame.valid[r, :D])
             mask = block_attention_mask(pos, clean, pos, clean, frame.valid[r, :D], block_size, offset)
             hidden_states(self.model, frame.x[r, :D], pos, mask, self.cache)
+        return frame
 
     def step(self, frame: Frame, xb, c: int, store_previous: bool):
         """Hidden states (n, B, H) of the noisy block xb at columns [c, c + B). With store_previous, the
@@ -2192,10 +2276,6 @@ class Decoder:
             self.masks = {k: v for k, v in self.masks.items() if k[0] == c}          # this block's only
             self.masks[key] = mask, torch.arange(q0, c + B, device=dev)
         return self.masks[key]
-
-    def rows_for(self, n: int) -> int:
-        """The rows a call with n prompts decodes: n, or with graphs a row bucket (padded with finished rows)."""
-        return row_bucket(n, self.rows) if self.graphs else n
 
     def compact(self, frame: Frame) -> Frame:
         """Once half of the frame's rows or more have finished, the live rows move to the front of the frame and
@@ -2329,78 +2409,12 @@ class Engine:
         return gens
 
 
-def sampler_kwargs(cfg: Config, block_size: int, rollout: bool = False) -> dict:
-    """The sampler settings of the config, for rollouts (rollout temperature) or evaluation; the Engine adds the
-    mask and stop ids."""
-    return dict(block_size=block_size, steps=cfg.steps_per_block, remasking=cfg.remasking, threshold=cfg.threshold,
-                temperature=cfg.rollout_temperature if rollout else cfg.temperature, top_k=cfg.top_k,
-                top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                eoser=(cfg.eoser_gamma_min, cfg.eoser_gamma_max) if cfg.eoser else None)
-
-
 # ======================================================================================================
 # 15. Memory: the trainer's micro-batches, the rollout batch
 # ======================================================================================================
 # The rollout batch is chosen from the free memory at start (memory_plan) unless --rollout-batch sets it, and a
 # batch that cannot fit is an error at start, not an out-of-memory error an hour later. The trainer's
 # micro-batches are bounded by sequences (--micro-batch) and by the logits of their targets (micro_batches).
-
-
-LOGIT_BYTES = 2 ** 30    # fp32 logits of a micro-batch's targets: at most this much (1,766 targets at SDAR's vocab)
-
-
-def pad_rows(ids, pos, noisy, pad_id: int):
-    """Right-pad lists of 1-D row tensors into (n, T) tensors plus the real-token mask."""
-    from torch.nn.utils.rnn import pad_sequence
-
-    valid = pad_sequence([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in ids], batch_first=True)
-    return (pad_sequence(list(ids), batch_first=True, padding_value=pad_id),
-            pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
-
-
-def trainer_budget(cfg: Config, vocab_size: int) -> tuple[int, int]:
-    """(tokens, targets) one forward of the trainer may hold: --micro-batch-tokens, padding included, and as many
-    targets as have their fp32 logits (targets x vocab x 4 bytes) within LOGIT_BYTES. With real weights dynamic
-    decoding commits most of a block at its first step, so the targets of 2000-token responses would make
-    4.9 GB of logits per copy at SDAR's vocabulary of 151,936 if nothing cut them."""
-    return cfg.micro_batch_tokens, max(1, LOGIT_BYTES // (4 * vocab_size))
-
-
-def micro_batches(tb: TraceBatch, seqs: Sequence[int], budget: tuple[int, int]) -> list[list[int]]:
-    """The training sequences `seqs` in groups of one forward each, longest first (less padding): as many as fit
-    the budget (trainer_budget) padded to the longest (a sequence over budget forms a group alone)."""
-    max_tokens, max_targets = budget
-    groups, group, targets = [], [], 0
-    for k in sorted(seqs, key=lambda k: -len(tb.ids[k])):
-        m = int(tb.ptr[k + 1] - tb.ptr[k])
-        if group and (len(tb.ids[group[0]]) * (len(group) + 1) > max_tokens or targets + m > max_targets):
-            groups.append(group)
-            group, targets = [], 0
-        group.append(k)
-        targets += m
-    return groups + [group] if group else groups
-
-
-def score_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence[int]], block_size: int,
-                    offset: int, pad_id: int, entropy: bool = False):
-    """Forward the training sequences one micro-batch (a list of sequence indices, micro_batches) at a time.
-    Yields (targets, logp, values, entropy) per micro-batch: the indices of its targets in tb's flat arrays and
-    their log-probs, values and (with entropy=True) the entropy of the policy there, each (M_mb,). An empty
-    micro-batch (the padding of as_many_everywhere) forwards a stand-in and yields empty tensors."""
-    dev = next(model.parameters()).device
-    for chunk in chunks:
-        if not chunk:
-            yield (torch.zeros(0, dtype=torch.long), *idle_forward(model, value_head, pad_id, entropy))
-            continue
-        counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
-        tgt = tb.targets(chunk)
-        ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
-                                          [tb.noisy[k] for k in chunk], pad_id)
-        rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)
-        logp, values, ent = forward_targets(model, ids.to(dev), pos.to(dev), noisy.to(dev), valid.to(dev),
-                                            rows.to(dev), tb.col[tgt].to(dev), tb.label[tgt].to(dev),
-                                            block_size, offset, value_head, entropy)
-        yield tgt, logp, values, ent
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -2568,7 +2582,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
 # PyTorch's FSDP2 (fully_shard): each decoder layer, the trunk (embedding, final norm) and the LM head are units
 # whose fp32 weights, gradients and AdamW state are split over the processes and gathered per unit for each
 # forward; gradients are reduce-scattered. The value head is a unit of its own. Every process must run the
-# same number of forwards (as_many_everywhere, idle_forward). Metrics are summed over processes (dist_sum);
+# same number of forwards (as_many_everywhere; score_sequences forwards a stand-in). Metrics are summed (dist_sum);
 # only rank 0 prints, logs and saves.
 
 
@@ -2721,28 +2735,6 @@ def full_state_dict(module) -> dict:
     return out
 
 
-def check_in_sync(engine) -> list[float]:
-    """Under torchrun every process samples from a whole copy of the weights (Engine.refresh), and all of
-    them must be one policy: a copy left stale would sample from other weights, silently. Compares one float64
-    sum per parameter of every process's copy, computed on its device (cheap) and gathered; stops with a
-    clear error if any differs. (FSDP's shards need no check: they are parts of one tensor by construction.)
-    Returns each process's total, [] when not distributed."""
-    if not dist.is_initialized():
-        return []
-    mine = [float(p.detach().sum(dtype=torch.float64)).hex() for p in engine.model.parameters()]   # (NaN == NaN)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, mine)
-    sums = [sum(map(float.fromhex, e)) for e in every]
-    if any(theirs != mine for theirs in every):
-        raise RuntimeError(f"the processes' rollout copies hold different weights (sums {sums})")
-    return sums
-
-
-def global_mean(x: torch.Tensor) -> float:
-    """The mean of x's elements over all processes: a ratio of sums (0 when there are none)."""
-    return dist_sum(x.double().sum().item()) / max(1.0, dist_sum(x.numel()))
-
-
 def clip_grad_norm(model, max_norm: float) -> float:
     """Clip the gradient of the model's weights to a norm of max_norm; returns the norm before clipping (under
     FSDP the norm over every process's shards)."""
@@ -2766,16 +2758,6 @@ def as_many_everywhere(chunks: list) -> list:
     """The micro-batches, padded with empty ones to as many as the process with most has: under FSDP every
     forward gathers the sharded weights with every other process, so all must run the same number."""
     return list(chunks) + [[]] * (int(dist_max(len(chunks))) - len(chunks))
-
-
-def idle_forward(model, value_head, pad_id: int, entropy: bool):
-    """The forward of an empty micro-batch (as_many_everywhere): one clean token, its own target. Returns
-    empty (logp, values, entropy), so that a loss built from them is 0 while its backward still reaches every
-    weight (FSDP's gradient reduce-scatter needs every process too)."""
-    one = torch.tensor([[pad_id]], device=next(model.parameters()).device)
-    z = torch.zeros_like(one)
-    logp, values, ent = forward_targets(model, one, z, z.bool(), z == 0, z[0], z[0], one[0], 1, 0, value_head, entropy)
-    return logp[:0], None if values is None else values[:0], None if ent is None else ent[:0]
 
 
 # ======================================================================================================
@@ -2817,6 +2799,14 @@ def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | 
         if path.exists():                                          # (a stage being redone after --resume)
             shutil.rmtree(path)
         tmp.rename(path)                                           # the one step that makes it visible
+
+
+def save_stage(cfg: Config, out: Path, stage: int, B: int, model, value_head, tokenizer) -> None:
+    """The checkpoint of a finished stage (every process takes part: FSDP gathers the whole weights)."""
+    save_checkpoint(stage_dir(cfg, out, stage), model, tokenizer, value_head,
+                    info=dict(task=cfg.train_dataset, stage=stage, block_size=B, config=dataclasses.asdict(cfg),
+                              plan=stage_plan(cfg.block_sizes, cfg.steps_per_stage, cfg.shift_fraction, cfg.direct)))
+    barrier()
 
 
 def load_value_head(model, path: Path) -> torch.nn.Linear:
@@ -2998,6 +2988,10 @@ def json_text(obj, **kwargs) -> str:
     return json.dumps(clean(obj), allow_nan=False, **kwargs)    # allow_nan=False: a NaN that slipped through raises
 
 
+TRAIN_METRICS = ("traj_gap", "traj_gap_max", "traj_gap_over", "entropy", "explained_var", "clipfrac", "kl",
+                 "policy_loss", "grad_norm", "value_loss")           # an update's, which a step may not measure
+
+
 class Recorder:
     """What a run keeps, all of it written by rank 0: metrics.jsonl (one strict-JSON line per RL step and per
     evaluation, appended as it is written), one console line for each, the decoding order of a few samples
@@ -3036,6 +3030,8 @@ class Recorder:
                 f.write(json_text(record) + "\n")
 
     def rl_step(self, r: dict) -> None:
+        """An RL step's record; the metrics it did not measure (no group with a signal, no value head) are null."""
+        r = dict.fromkeys(TRAIN_METRICS) | r
         self.write(r)
         if is_main():                             # "-" for what was not measured (None)
             f = lambda key, spec: shown(r[key], spec)          # noqa: E731
@@ -3065,16 +3061,6 @@ class Recorder:
             if cfg.show_trajectory:
                 for g in gens[:2]:
                     print(render_trajectory(self.tokenizer, g, B) + "\n")
-
-    def stage_finished(self, stage: int, B: int, model, value_head, engine: Engine) -> None:
-        """The checkpoint of a finished stage (every process takes part: FSDP gathers the whole weights)."""
-        sums = check_in_sync(engine)
-        save_checkpoint(stage_dir(self.cfg, self.out, stage), model, self.tokenizer, value_head,
-                        info=dict(task=self.cfg.train_dataset, stage=stage, block_size=B,
-                                  plan=stage_plan(self.cfg.block_sizes, self.cfg.steps_per_stage,
-                                                  self.cfg.shift_fraction, self.cfg.direct),
-                                  config=dataclasses.asdict(self.cfg), rollout_copy_sum_per_process=sums))
-        barrier()
 
     def finished(self) -> None:
         if is_main():
@@ -3245,7 +3231,8 @@ def run(cfg: Config) -> None:
             evaluate_only(cfg, engine, tokenizer, eval_sets, reward_fn, out)
         else:                                     # (a resumed run keeps the log lines of its finished stages)
             rec = Recorder(cfg, out, tokenizer, keep_stages_below=done + 1 if cfg.resume else None)
-            train(cfg, model, value_head, engine, tokenizer, train_problems, eval_sets, reward_fn, rec, done)
+            train(cfg, model, value_head, engine, tokenizer, train_problems, eval_sets, reward_fn, rec, done,
+                  save=lambda stage, B: save_stage(cfg, out, stage, B, model, value_head, tokenizer))
         barrier()                                 # (every process done before any tears the process group down)
 
 
