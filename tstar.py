@@ -80,26 +80,18 @@ from tqdm.auto import tqdm  # noqa: E402
 # PART I: T*
 # ######################################################################################################
 # Ten sections in the order the method runs: the toy task, block attention, the sampler, the warm start,
-# trace rounds, the TraceRL loss, metrics, the RL step, the curriculum, evaluation. Part I uses a few names
-# of Part II, each a piece a reader can take on trust:
-#     Config                   every setting (cfg.lr, cfg.group_size, ...), one dataclass field each
-#     encode_prompt, hidden_states, pad_rows
-#                              a question's token ids (a chat template for checkpoints); the model's final hidden
-#                              states under an explicit 4D mask; rows of other lengths padded into one batch
-#     padded_frame, Frame, Decoder
-#                              the sampler's batch laid out in one frame, and the forward passes the sampler
-#                              steps through it: an in-place KV cache (CUDA graphs with --compile)
-#     Engine, sampler_kwargs   what rollouts and evaluation sample from: the policy or its bf16 copy, in
-#                              batches of rows, stopping on the checkpoint's stop ids (Engine.generate runs
-#                              generate below); the config's settings
-#     micro_batches, score_sequences
-#                              the trainer's forwards over a TraceBatch, a micro-batch at a time
-#     autocast                 forward passes in the compute dtype (bf16 on a GPU)
-#     world, is_main, dist_sum, dist_max, global_mean, as_many_everywhere, gradient_sync, clip_grad_norm
-#                              (rank, processes), rank 0, a sum / max / mean over the processes, as many
-#                              forwards on every process (FSDP's rule), whether FSDP sums the gradients after
-#                              the next backward, the gradient norm
-#     Recorder                 what a run keeps: metrics.jsonl, the console, plots, stage checkpoints
+# trace rounds, the TraceRL loss, metrics, the RL step, the curriculum, evaluation. Part I's code calls ten
+# names of Part II, each a piece a reader can take on trust:
+#     encode_prompt, hidden_states   a question's token ids (a chat template for checkpoints); the model's
+#                                    final hidden states under an explicit 4D mask
+#     Decoder                        the sampler's forward passes: an in-place KV cache (CUDA graphs with --compile)
+#     autocast                       forward passes in the compute dtype (bf16 on a GPU)
+#     world, dist_sum, dist_max, as_many_everywhere, gradient_sync, clip_grad_norm
+#                                    (rank, processes), a sum / max over the processes, as many forwards on
+#                                    every process (FSDP's rule), whether FSDP reduces the gradients after the
+#                                    next backward, the gradient norm
+# Its signatures also name Config (every setting, one field per flag), Engine (what rollouts and evaluation
+# sample from: the policy, or its bf16 copy) and Recorder (metrics.jsonl, the console, plots).
 # On one process (the CPU default) the process helpers are the identity, and the Engine is the policy.
 
 
@@ -2871,13 +2863,14 @@ RESUME_MAY_DIFFER = ("out_dir", "resume", "device", "rollout_batch", "eval_batch
 
 @contextlib.contextmanager
 def claimed_out_dir(cfg: Config):
-    """--out-dir, created if need be, with an OS lock (flock) on out/tstar.lock held while the run lasts: a
+    """--out-dir, created if need be, with an OS lock (filelock) on out/tstar.lock held while the run lasts: a
     second run into the same out dir stops with one line instead of interleaving its files with this one's. The
     OS releases the lock when the process ends, however it ends (a killed run leaves nothing to clean up); the
     file names the holder for that message. An out dir this run created is removed again if the run stops with
     bad input before writing anything into it."""
-    import fcntl
     import socket
+
+    from filelock import FileLock, Timeout
 
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
@@ -2887,28 +2880,30 @@ def claimed_out_dir(cfg: Config):
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create --out-dir {out}: {e.strerror}") from None
-    if not is_main():                             # (only rank 0 writes files, so only it needs the lock)
+    if not is_main():                             # only rank 0 writes files, so only it needs the lock
         yield out
         return
+    path = out / "tstar.lock"
     try:
         try:
-            lock = open(out / "tstar.lock", "a+")
+            # The holder's line is read before trying the lock, since a try may empty the file.
+            holder = path.read_text(errors="replace").strip() if path.is_file() else ""
+            open(path, "a").close()           # filelock reports a file it may not open as held by another run
+            lock = FileLock(path, timeout=0)
+            lock.acquire()
+            path.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        except Timeout:
+            raise UsageError(f"{out} is in use by another run ({holder or 'starting'}); wait for it, "
+                             f"or choose another --out-dir") from None
         except OSError as e:
             raise UsageError(f"--out-dir {out} cannot be written ({e.strerror or type(e).__name__})") from None
-        with lock as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                raise UsageError(f"{out} is in use by another run ({f.read().strip() or 'starting'}); wait for it, "
-                                 f"or choose another --out-dir") from None
-            f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            f.flush()
-            yield out                             # (closing the file releases the lock)
+        try:
+            yield out
+        finally:
+            lock.release()
     except UsageError:
-        if created and [p.name for p in out.iterdir()] == ["tstar.lock"]:
-            (out / "tstar.lock").unlink()
+        if created and [p.name for p in out.iterdir()] in ([], ["tstar.lock"]):
+            path.unlink(missing_ok=True)
             out.rmdir()
         raise
 
