@@ -1411,7 +1411,8 @@ GRADING_MORE = [
     # degrees
     ("\\boxed{90°}", "90", 1.0), ("\\boxed{90°}", "90^\\circ", 1.0), ("\\boxed{45°}", "90", 0.0),
     # thousands separators
-    ("\\boxed{1\\,000}", "1000", 1.0), ("\\boxed{1{,}000}", "1000", 1.0), ("\\boxed{12\\,345\\,678}", "12345678", 1.0),
+    ("\\boxed{1\\,000}", "1000", 1.0), ("\\boxed{1\\ 000}", "1000", 1.0), ("\\boxed{1{,}000}", "1000", 1.0),
+    ("\\boxed{5\\,}", "5", 1.0), ("\\boxed{12\\,345\\,678}", "12345678", 1.0),
     ("\\boxed{1\\,001}", "1000", 0.0), ("\\boxed{2\\,x}", "2x", 1.0),
     # \boxed without braces
     ("so the answer is \\boxed 18", "18", 1.0), ("\\boxed 18.", "18", 1.0), ("\\boxed 17", "18", 0.0),
@@ -1441,16 +1442,36 @@ def test_grading_hand_written_cases(response, gold, verdict):
     assert tstar.grade(response, gold) == verdict
 
 
-def test_grading_works_the_same_from_a_worker_thread():
-    """math-verify's time limit uses SIGALRM, which only a main thread may set; off it tstar checks in a
-    worker process. \\dfrac vs \\frac needs math-verify (not the string comparison)."""
+# (answer, gold): for each rewrite of normalize_answer, a right answer math-verify alone grades wrong
+NEEDS_A_REWRITE = [
+    ("104.", "104"), ("\\text{Evelyn.}", "Evelyn"), ("90°", "90"), ("1\\,000", "1000"), ("1\\ 000", "1000"),
+    ("\\textbf{(073)}", "73"), ("18 dollars", "18"), ("-2 \\le x \\le 7", "[-2, 7]"), ("-2 < x \\le 7", "(-2, 7]")]
+
+
+@pytest.mark.parametrize("answer,gold", NEEDS_A_REWRITE)
+def test_each_rewrite_of_an_answer_is_one_math_verify_alone_grades_wrong(answer, gold):
+    """normalize_answer keeps only what math-verify (0.9) cannot do itself: a case that math-verify alone
+    accepts means that rewrite is no longer needed; one that grade() rejects, that it is broken."""
+    assert tstar.verify_answer(gold, answer, timeout=8) == 0.0
+    assert tstar.grade("\\boxed{" + answer + "}", gold) == 1.0
+
+
+def test_grading_off_the_main_thread_is_refused_not_graded_wrong():
+    """math-verify's time limit uses SIGALRM, which only a main thread may set: off it math-verify would fail
+    and the answer be scored 0 in silence. \\dfrac vs \\frac needs math-verify (not the string comparison)."""
     import threading
     out = {}
-    worker = threading.Thread(target=lambda: out.update(
-        right=tstar.grade("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}"), wrong=tstar.grade("\\boxed{\\dfrac{1}{3}}", "\\frac12")))
+
+    def attempt():
+        try:
+            out["score"] = tstar.grade("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}")
+        except RuntimeError as e:
+            out["error"] = str(e)
+    worker = threading.Thread(target=attempt)
     worker.start()
     worker.join()
-    assert out == {"right": 1.0, "wrong": 0.0}
+    assert out == {"error": "grade() runs in the main thread only (math-verify's time limit is a SIGALRM)"}
+    assert tstar.grade("\\boxed{\\dfrac{1}{2}}", "\\frac{1}{2}") == 1.0
 
 
 def test_a_pathological_answer_is_graded_wrong_within_ten_seconds():
