@@ -417,7 +417,7 @@ def scored(model, head, tb, B, offset, pad_id):
     out = {}
     chunks = tstar.micro_batches(tb, range(len(tb.ids)), (512, 10 ** 6))
     with torch.no_grad():
-        for tgt, logp, values, ent in tstar.score_sequences(model, head, tb, chunks, B, offset, pad_id, entropy=True):
+        for tgt, logp, values, ent in tstar.forward_sequences(model, head, tb, chunks, B, offset, pad_id, entropy=True):
             for k, t in enumerate(tgt.tolist()):
                 out[int(tb.sample[t]), int(tb.token[t])] = (float(logp[k]), float(ent[k]), float(values[k]))
     return out
@@ -468,7 +468,7 @@ def test_tiled_attention_gives_the_dense_attentions_log_probs_and_gradients_and_
     def forward(tile):
         monkeypatch.setitem(tstar.ATTENTION_TILE, "cpu", tile)
         model.zero_grad()
-        (_, logp, _, _), = tstar.score_sequences(model, None, tb, [[0, 1]], 8, 0, tok.eos_token_id)
+        (_, logp, _, _), = tstar.forward_sequences(model, None, tb, [[0, 1]], 8, 0, tok.eos_token_id)
         logp.sum().backward()
         return logp.detach(), [p.grad.clone() for p in model.parameters()]
     (dense, dense_grads), (tiled, tiled_grads) = forward(10 ** 6), forward(16)
@@ -522,7 +522,7 @@ def test_training_layout_reproduces_the_sampler_logprobs(tiny, B, offset, thresh
     logp = torch.full((len(tb.label),), float("nan"))
     with torch.no_grad():
         chunks = tstar.micro_batches(tb, range(len(tb.ids)), (200, 10 ** 6))
-        for tgt, lp, _, _ in tstar.score_sequences(model, None, tb, chunks, B, offset,
+        for tgt, lp, _, _ in tstar.forward_sequences(model, None, tb, chunks, B, offset,
                                                 tok.eos_token_id):
             logp[tgt] = lp
     assert (logp - tb.sampler_logp).abs().max().item() <= 1e-4
@@ -751,17 +751,17 @@ def test_the_outcome_sits_on_each_samples_last_step_and_gae_one_gives_z_minus_va
 
 
 def test_ppo_update_gives_gae_the_group_z_scores_of_the_rewards(monkeypatch, tiny):
-    """The outcome fed to GAE is each kept sample's reward z-scored within its group, not the raw reward;
-    GAE gets the values of the pre-update pass (V_old of a non-zero head), and --gamma and --gae-lambda in
-    their places."""
+    """The outcome fed to GAE is each sample's reward z-scored within its group, not the raw reward (0 for a
+    group without signal); GAE gets the values of the pre-update pass (V_old of a non-zero head), and --gamma
+    and --gae-lambda in their places."""
     model, tok = tiny
     seen, old = [], []
-    real, real_old = tstar.token_advantages, tstar.old_policy_scores
+    real, real_old = tstar.token_advantages, tstar.old_policy_pass
     monkeypatch.setattr(tstar, "token_advantages",
                         lambda outcome, sample, token, step, values, *, gamma, lam: seen.append(
                             (outcome.clone(), values.clone(), gamma, lam)) or real(outcome, sample, token, step, values,
                                                                                   gamma=gamma, lam=lam))
-    monkeypatch.setattr(tstar, "old_policy_scores", lambda *a: (lambda r: old.append(r) or r)(real_old(*a)))
+    monkeypatch.setattr(tstar, "old_policy_pass", lambda *a: (lambda r: old.append(r) or r)(real_old(*a)))
     gens = tstar.generate(model, [tok.encode(p) for p in PROMPTS[:2] for _ in range(4)],
                           **sample_kwargs(tok, stop_ids=STOPS, temperature=1.0), generator=torch.Generator().manual_seed(1))
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])           # the second group agrees
@@ -772,7 +772,7 @@ def test_ppo_update_gives_gae_the_group_z_scores_of_the_rewards(monkeypatch, tin
     tstar.ppo_update(model, head, opt, ro, rl_config(group_size=4, gamma=0.9, gae_lambda=0.5), tok.mask_token_id,
                      tok.eos_token_id, torch.Generator().manual_seed(0))
     z = (torch.tensor([1.0, 0.0, 0.0, 0.0]) - 0.25) / math.sqrt(3 / 16)
-    assert len(seen) == 1 and torch.allclose(seen[0][0], z) and seen[0][2:] == (0.9, 0.5)
+    assert len(seen) == 1 and torch.allclose(seen[0][0], torch.cat([z, torch.zeros(4)])) and seen[0][2:] == (0.9, 0.5)
     v_old = old[0][1]
     assert v_old.abs().min() > 0 and torch.equal(seen[0][1], v_old)
 
@@ -947,6 +947,8 @@ def bad_inputs(tmp):
              "malformed.jsonl": '{"question": "1+1?", "answer": \n', "malformed.parquet": "PAR1 not parquet",
              "tied.json": json.dumps({**tiny_config, "tie_word_embeddings": True}),
              "list.json": "[1, 2]", "negative.json": json.dumps({**tiny_config, "hidden_size": -64}),
+             "null.json": "null", "null-type.json": json.dumps({**tiny_config, "model_type": None}),
+             "bool-layers.json": json.dumps({**tiny_config, "num_hidden_layers": True}),
              "null-question.jsonl": rows({"question": None, "answer": "1"}),
              "empty-question.jsonl": rows({"question": " ", "answer": "1"}),
              "no-answer.jsonl": rows({"question": "1+1?", "answer": "2"}, {"question": "2+2?"}),
@@ -1005,7 +1007,10 @@ def disk(tmp):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "no/such/dir"], "no such model directory"),
     (["--model", ""], "--model is empty"),
-    (["--model", "{tmp}/list.json"], "list.json is not a model config: it holds a JSON list"),
+    (["--model", "{tmp}/list.json"], "list.json is not a model config: it holds an array, not an object"),
+    (["--model", "{tmp}/null.json"], "null.json is not a model config: it holds null, not an object"),
+    (["--model", "{tmp}/null-type.json"], "null-type.json has model_type null"),
+    (["--model", "{tmp}/bool-layers.json"], "num_hidden_layers must be a positive integer, got true"),
     (["--model", "{tmp}/negative.json"], "negative.json: hidden_size must be a positive integer, got -64"),
     (["--model", "{tmp}/corrupt"], "corrupt/config.json cannot be read (JSONDecodeError: Expecting property name"),
     (["--model", "{tmp}/tied.json"], "tied.json ties its LM head to its input embedding"),
@@ -1048,8 +1053,8 @@ def disk(tmp):
     # every file tstar reads passes one boundary: damage nobody listed is one line naming the file
     (["--eval-datasets", "{tmp}/bad-utf8.jsonl"], "bad-utf8.jsonl cannot be read (UnicodeDecodeError: 'utf-8' codec"),
     (["--model", "{tmp}/cut"], "cut cannot be read (SafetensorError: Error while deserializing header"),
-    (["--model", "{tmp}/list-model"], "list-model/tstar.json cannot be read back (ValueError: a JSON list, not an object)"),
-    (["--out-dir", "{tmp}/runs/list-stage", "--resume"], "tstar.json cannot be read back (ValueError: a JSON list"),
+    (["--model", "{tmp}/list-model"], "list-model/tstar.json cannot be read back (ValueError: it holds an array, not an object)"),
+    (["--out-dir", "{tmp}/runs/list-stage", "--resume"], "tstar.json cannot be read back (ValueError: it holds an array"),
     (["--out-dir", "{tmp}/runs/odd-log", "--resume", "--train-size", "40", "--prompts-per-step", "4"],
      "metrics.jsonl cannot be read back (ValueError: line 2 is not a record of tstar's): delete that line"),
     (["--out-dir", "{tmp}/runs/cut-head", "--resume", "--train-size", "40", "--prompts-per-step", "4"],
@@ -1280,9 +1285,9 @@ if size > 1:
 opt = torch.optim.SGD([{"params": model.parameters(), "lr": 0.5}, {"params": head.parameters(), "lr": 0.5}])
 cfg = tstar.Config(group_size=G, minibatches=1, micro_batch_tokens=150, grad_clip=100.0, advantage=sys.argv[4])
 reductions, micro = [], []                           # FSDP's reduce-scatters, the update's micro-batches
-real_reduce, real_score = torch.distributed.reduce_scatter_single, tstar.score_sequences
+real_reduce, real_score = torch.distributed.reduce_scatter_single, tstar.forward_sequences
 torch.distributed.reduce_scatter_single = lambda *a, **k: reductions.append(1) or real_reduce(*a, **k)
-tstar.score_sequences = lambda *a, **k: micro.append(len(a[3])) or real_score(*a, **k)
+tstar.forward_sequences = lambda *a, **k: micro.append(len(a[3])) or real_score(*a, **k)
 stats = tstar.ppo_update(model, head, opt, mine, cfg, tok.mask_token_id, tok.eos_token_id, torch.Generator().manual_seed(0))
 stats.update(reductions=len(reductions), units=len(tstar.fsdp_units(model, head)), micro_batches=micro[-1])
 weights = {**tstar.full_state_dict(model), **{"value_head." + k: v for k, v in tstar.full_state_dict(head).items()}}
@@ -1899,7 +1904,7 @@ def test_the_memory_plan_is_at_least_what_a_sampler_step_and_a_trainer_micro_bat
 
     def forward(grad):
         with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
-            for _, logp, values, ent in tstar.score_sequences(policy, head, tb, chunk, 4, 0, tok.eos_token_id, not grad):
+            for _, logp, values, ent in tstar.forward_sequences(policy, head, tb, chunk, 4, 0, tok.eos_token_id, not grad):
                 if grad:
                     (logp.sum() + values.sum()).backward()
     forward(True)                                                # (the gradients exist: they are a term of their own)
@@ -2072,7 +2077,7 @@ def test_micro_batches_cut_by_targets_give_the_log_probs_of_larger_ones(tiny, mo
         chunks = tstar.micro_batches(tb, range(len(tb.ids)), tstar.trainer_budget(tstar.Config(), model.config.vocab_size))
         out = torch.full((len(tb.label),), float("nan"))
         with torch.no_grad():
-            for tgt, logp, _, _ in tstar.score_sequences(model, None, tb, chunks, 4, 0, tok.eos_token_id):
+            for tgt, logp, _, _ in tstar.forward_sequences(model, None, tb, chunks, 4, 0, tok.eos_token_id):
                 out[tgt] = logp
         return len(chunks), out
     n_whole, whole = scores()

@@ -210,7 +210,7 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
 #     position, and a commit of some positions:
 #         static   the step's quota n_s of most confident positions,
 #         dynamic  every position with confidence > tau, or the n_s most confident if fewer pass,
-#         ass      2^s positions at step s, the rest at the last step (below).
+#         ass      ascending step size: 2^s positions at step s, the rest at the last step (below).
 #     Example, dynamic, tau = 0.9, a block of 4 with K = 4 (quota 1 a step): confidences 0.95 0.40 0.92 0.10
 #     commit the first and the third position at once; 0.85 0.40 0.60 0.10 commit the first alone. The
 #     step map records the row's step of each commit: a block decoded left to right reads s s+1 s+2 s+3, a
@@ -225,8 +225,9 @@ def block_attention_mask(q_pos, q_noisy, k_pos, k_noisy, k_valid, block_size: in
 #     the trajectory and are trained like the tokens after a stop token.
 #
 # Two schedules of the CJ-GRPO paper (arXiv 2509.23924) plug into the same loop:
-#   * ASS (--remasking ass): a block with m masked positions takes ceil(log2 m) steps; step s commits the
-#     2^s most confident positions and the last step all that remain (B=8: 1, 2, 5). K is not used.
+#   * ASS, ascending step size (--remasking ass): a block with m masked positions takes ceil(log2 m) steps;
+#     step s commits the 2^s most confident positions and the last step all that remain (B=8: 1, 2, 5). K is
+#     not used.
 #   * EOSER (--eoser): at step s of the n steps a block plans, the confidence of every candidate that is a
 #     stop token is multiplied by g_s = g_min + (g_max - g_min) s / (n - 1), so the end of the answer is
 #     committed late. It changes which positions are committed, never the sampled tokens.
@@ -277,14 +278,15 @@ def step_quotas(m: torch.Tensor, K: int, remasking: str) -> torch.Tensor:
 def propose(logits, temperature: float, top_k: int, top_p: float, generator=None, mask_id: int | None = None):
     """A candidate token, its confidence and its log-prob for each masked position.
 
-    logits: (M, V). Greedy (temperature 0): candidate = argmax, confidence = its probability under softmax(logits)
-    (the mask token removed). Otherwise the candidate is sampled from softmax(logits / T) restricted by top-k /
-    top-p, and the confidence is its probability under that distribution. The mask token is never a candidate.
-    The log-prob is under the model's own full distribution: the quantity the trainer recomputes. At most three
-    (M, V) fp32 tensors are alive at once (more with top-p: propose_bytes_per_logit)."""
+    logits: (M, V). The mask token is removed from the logits first. Greedy (temperature 0): candidate = argmax,
+    confidence = its probability under the softmax of the remaining logits. Otherwise the candidate is sampled
+    from softmax(logits / T) restricted by top-k / top-p, and the confidence is its probability under that
+    distribution. The log-prob is under the model's own full distribution, mask token included: the quantity
+    the trainer recomputes. At most three (M, V) fp32 tensors are alive at once (more with top-p:
+    propose_bytes_per_logit)."""
     logits = logits.float()                                                   # (M, V)
     if mask_id is not None:
-        at_mask = logits[:, mask_id].clone()                                  # (M,) (restored below)
+        at_mask = logits[:, mask_id].clone()                                  # (M,) restored below
         logits = logits.index_fill(1, torch.tensor([mask_id], device=logits.device), float("-inf"))
     if temperature == 0:
         cand = logits.argmax(-1)                                              # (M,)
@@ -301,7 +303,7 @@ def propose(logits, temperature: float, top_k: int, top_p: float, generator=None
             drop = p_sorted.cumsum(-1) - p_sorted > top_p                     # mass before it already > p
             z = z.scatter(1, order, sorted_z.masked_fill(drop, float("-inf")))
         probs = z.softmax(-1)
-        del z                                                                 # (memory: see the docstring)
+        del z                                                                 # at most three (M, V) alive
         cand = torch.multinomial(probs, 1, generator=generator).squeeze(1)     # (M,)
         conf = probs.gather(1, cand[:, None]).squeeze(1)
         del probs
@@ -370,12 +372,10 @@ def padded_frame(prompts, block_size: int, offset: int, max_new_tokens: int, fil
     x = torch.full((len(prompts), W), fill_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):                                            # one copy per row
         x[i, pad[i]: pad[i] + len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-    n = len(prompts)
     return Frame(x=x, pos=pos.clamp(min=0), valid=valid, is_resp=is_resp, end=end,
-                 live=torch.ones(n, dtype=torch.bool, device=device),
-                 step_map=torch.zeros(n, W, dtype=torch.long, device=device),
-                 logp=torch.zeros(n, W, device=device), nfe=torch.zeros(n, dtype=torch.long, device=device),
-                 index=torch.arange(n, device=device), D=D)
+                 live=torch.ones_like(P, dtype=torch.bool), step_map=torch.zeros_like(x),
+                 logp=torch.zeros_like(x, dtype=torch.float), nfe=torch.zeros_like(P),
+                 index=torch.arange(len(prompts), device=device), D=D)
 
 
 def generation_of(frame: Frame, i: int, c_end: int, stops, max_new_tokens: int, prompt_len: int, offset: int):
@@ -419,10 +419,11 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
         xb = torch.where(todo, mask_id, frame.x[:, c: c + B])                 # (n, B)
         quotas = step_quotas(todo.sum(1), K, remasking)                       # (n, steps)
         n_steps = (quotas > 0).sum(1)                                         # (n,) steps this block plans
-        for s in range(quotas.shape[1]):         # one step: a forward of the block, a candidate for every masked
-            if not todo.any():                    # position, a commit of some of them; the rest stay masked
+        # one step: a forward of the block, a candidate for every masked position, a commit of some of them (the
+        # rest stay masked); the first step of a block also stores the finished block before it (store_previous)
+        for s in range(quotas.shape[1]):
+            if not todo.any():
                 break
-            # (the first step of a block also stores the finished block before it: store_previous)
             h = decoder.step(frame, xb, c, store_previous=s == 0 and c > frame.D)   # (n, B, H)
             frame.nfe += todo.any(1)
             cand, conf, logp = propose(model.lm_head(h[todo]), temperature, top_k, top_p, generator, mask_id)
@@ -445,7 +446,7 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
         frame.live &= ~done
         if not frame.live.any():
             break
-        frame = decoder.compact(frame)               # (when half the rows are done: the live ones to the front)
+        frame = decoder.compact(frame)               # when half the rows are done, the live ones to the front
     model.train(was_training)
     return results
 
@@ -544,7 +545,7 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
     model.train()
     # each step: a batch of random problems (with replacement), each with its own noise level p (SDAR's loss)
     losses = []
-    bar = tqdm(range(cfg.warm_start_steps), desc=f"warm start (B={B})", mininterval=10)   # (on rank 0 alone)
+    bar = tqdm(range(cfg.warm_start_steps), desc=f"warm start (B={B})", mininterval=10)
     for _ in bar:
         pick = torch.randint(len(prompts), (cfg.warm_start_batch,), generator=gen).tolist()
         loss = block_diffusion_loss(model, [prompts[i] for i in pick], [answers[i] for i in pick], B,
@@ -726,15 +727,14 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 
 
 def group_advantages(rewards: torch.Tensor, mode: str, band: tuple[float, float] = (0.0, 1.0)):
-    """rewards (prompts, G) -> (advantages, keep), both (prompts, G): gae  z = (r - mean) / std,  group
+    """rewards (prompts, G) -> (advantages, signal), both (prompts, G): gae  z = (r - mean) / std,  group
     A = r - mean, per group (std over the G samples, not unbiased). Dropped groups (all equal, or an accuracy
-    outside the band) get advantage 0. Example: rewards 1 0 1 0 give z = 1 -1 1 -1."""
+    outside the band) have no signal and advantage 0. Example: rewards 1 0 1 0 give z = 1 -1 1 -1."""
     mean = rewards.mean(1, keepdim=True)
     std = rewards.std(1, unbiased=False, keepdim=True)
-    keep = (std > 0) & (mean >= band[0]) & (mean <= band[1])
+    signal = ((std > 0) & (mean >= band[0]) & (mean <= band[1])).expand_as(rewards)
     adv = (rewards - mean) / std.clamp(min=1e-8) if mode == "gae" else rewards - mean
-    keep = keep.expand_as(rewards)
-    return torch.where(keep, adv, 0.0), keep
+    return torch.where(signal, adv, 0.0), signal
 
 
 def gae_over_steps(rewards, values, step_map, gamma: float = 1.0, lam: float = 1.0):
@@ -768,8 +768,9 @@ def token_advantages(outcome, sample, token, step, values, *, gamma: float = 1.0
     """Per-target advantages and returns of TraceRL (equations above), for the targets of S samples.
 
     outcome: (S,) each sample's z-scored reward; sample, token, step, values: (M,) per target its sample
-    (0..S-1), its index in the response, the denoising step that committed it, and V_old. The outcome is
-    the reward of the tokens of the sample's last step; every other token's reward is 0. Returns (M,), (M,)."""
+    (0..S-1; a sample without targets adds nothing), its index in the response, the denoising step that
+    committed it, and V_old. The outcome is the reward of the tokens of the sample's last step; every other
+    token's reward is 0. Returns (M,), (M,)."""
     steps = torch.zeros(len(outcome), int(token.max()) + 1, dtype=torch.long)     # (S, L) step maps, 0 = none
     steps[sample, token] = step
     v = torch.zeros(steps.shape)
@@ -818,9 +819,8 @@ def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
 def explained_variance(returns, values) -> float | None:
     """1 - Var(R - V) / Var(R) over the targets of all processes; None when the returns do not vary (one
     target, or all alike): then no value explains anything."""
-    var = lambda x: global_mean((x - global_mean(x)) ** 2)      # noqa: E731  (the variance over processes)
-    var_r = var(returns)
-    return 1 - var(returns - values) / var_r if var_r > 1e-8 else None
+    var_r, resid = global_mean((returns - global_mean(returns)) ** 2), returns - values      # over processes
+    return 1 - global_mean((resid - global_mean(resid)) ** 2) / var_r if var_r > 1e-8 else None
 
 
 def new_value_head(model) -> torch.nn.Linear:
@@ -895,7 +895,7 @@ def rollout_stats(gens: Sequence[Generation], rewards, block_size: int, offset: 
 # One TraceRL step (rl_step):
 #   1. rollouts: G samples per prompt at temperature 1 from the Engine, and their rewards (collect_rollouts);
 #   2. the states the sampler visited, as training sequences (trace rounds, section 5);
-#   3. old log-probs and values at the pre-update weights, in the same layout (old_policy_scores); their
+#   3. old log-probs and values at the pre-update weights, in the same layout (old_policy_pass); their
 #      difference to the log-probs the sampler saw is logged as the trajectory gap. PPO's ratio uses these
 #      recomputed log-probs, not the sampler's: with a bf16 rollout copy the two differ by rounding, and the
 #      ratio must be 1 at the first minibatch for the clipping to mean what it says;
@@ -929,11 +929,11 @@ def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward
     """G samples per problem at the rollout temperature (1.0; dynamic remasking by default), and rewards."""
     G = cfg.group_size                           # G copies of each prompt: the group whose rewards are compared
     prompts = [ids for p in problems for ids in [encode_prompt(tokenizer, p["question"])] * G]   # encoded once
-    problems = [p for p in problems for _ in range(G)]
-    engine.refresh()                             # (the rollout copy: the policy's current weights)
+    per_sample = [p for p in problems for _ in range(G)]
+    engine.refresh()                             # the rollout copy: the policy's current weights
     gens = engine.generate(prompts, desc=f"rollouts B={block_size}", offset=offset, generator=generator,
                            **sampler_kwargs(cfg, block_size, rollout=True))
-    rewards = rewards_of(gens, problems, tokenizer, reward_fn)                                   # (samples,)
+    rewards = rewards_of(gens, per_sample, tokenizer, reward_fn)                                 # (samples,)
     return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
 
 
@@ -990,7 +990,7 @@ def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_siz
     return logp, values, ent
 
 
-def score_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence[int]], block_size: int,
+def forward_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence[int]], block_size: int,
                     offset: int, pad_id: int, entropy: bool = False):
     """Forward the training sequences one micro-batch (a list of sequence indices, micro_batches) at a time.
     Yields (targets, logp, values, entropy) per micro-batch: the indices of its targets in tb's flat arrays and
@@ -998,12 +998,13 @@ def score_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence
     micro-batch (the padding of as_many_everywhere) forwards a stand-in and yields empty tensors."""
     dev = next(model.parameters()).device
     for chunk in chunks:
-        if not chunk:                 # (FSDP's padding: one clean token, its own target; a loss made of the empty
-            one = torch.tensor([[pad_id]], device=dev)    # results is 0, and its backward still reaches every weight)
+        if not chunk:
+            # FSDP's padding: one clean token, its own target, and none of it yielded. A loss made of the empty
+            # results is 0, and its backward still reaches every weight, as FSDP needs.
+            one = torch.tensor([[pad_id]], device=dev)
             z = torch.zeros_like(one)
-            logp, values, ent = forward_targets(model, one, z, z, z == 0, z[0], z[0], one[0], 1, 0, value_head, entropy)
-            yield torch.zeros(0, dtype=torch.long), logp[:0], values[:0] if values is not None else None, \
-                ent[:0] if ent is not None else None
+            out = forward_targets(model, one, z, z, z == 0, z[0], z[0], one[0], 1, 0, value_head, entropy)
+            yield (torch.zeros(0, dtype=torch.long), *(t if t is None else t[:0] for t in out))
             continue
         counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
         tgt = tb.targets(chunk)
@@ -1026,7 +1027,7 @@ def minibatch_plan(tb: TraceBatch, cfg: Config, budget: tuple[int, int], shuffle
 
 
 @torch.no_grad()
-def old_policy_scores(policy, value_head, tb: TraceBatch, plan, cfg: Config, block_size: int, offset: int,
+def old_policy_pass(policy, value_head, tb: TraceBatch, plan, cfg: Config, block_size: int, offset: int,
                       pad_id: int):
     """log p_old, V_old (None without a value head) and the policy's entropy at every target, (M,) each, from
     one pass at the pre-update weights over the micro-batches of the plan."""
@@ -1034,7 +1035,7 @@ def old_policy_scores(policy, value_head, tb: TraceBatch, plan, cfg: Config, blo
     M = len(tb.label)
     logp_old, v_old, entropy = torch.zeros(M), torch.zeros(M), torch.zeros(M)
     with autocast(cfg, dev):
-        for tgt, logp, values, ent in score_sequences(policy, value_head, tb, [c for mb in plan for c in mb],
+        for tgt, logp, values, ent in forward_sequences(policy, value_head, tb, [c for mb in plan for c in mb],
                                                       block_size, offset, pad_id, entropy=True):
             logp_old[tgt], entropy[tgt] = logp.cpu(), ent.cpu()
             if values is not None:
@@ -1054,7 +1055,7 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, plan, logp_old, v_o
     for chunks in plan:
         norm = max(dist_sum(weights[tb.targets([k for c in chunks for k in c])].sum().item()), 1e-12)
         with autocast(cfg, dev):
-            scored = score_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id)
+            scored = forward_sequences(policy, value_head, tb, chunks, block_size, offset, pad_id)
             for i, (tgt, logp, values, _) in enumerate(scored):
                 per_tok, ratio, kl = ppo_token_loss(logp, logp_old[tgt].to(dev), adv[tgt].to(dev),
                                                     clip_eps=cfg.clip_eps, beta=cfg.beta)
@@ -1062,15 +1063,15 @@ def ppo_minibatches(policy, value_head, opt, tb: TraceBatch, plan, logp_old, v_o
                 plosses.append(loss.item())
                 if value_head is not None:
                     vl = clipped_value_loss(values, v_old[tgt].to(dev), ret[tgt].to(dev), cfg.clip_eps)
-                    loss = loss + vl.sum() / norm            # (a value head: gae, a mean over targets)
+                    loss = loss + vl.sum() / norm            # a value head means gae: a mean over targets
                     vlosses.append(vl.detach().cpu())
                 gradient_sync(policy, value_head, i == len(chunks) - 1)
                 loss.backward()
                 clipped.append(((ratio - 1).abs() > cfg.clip_eps).detach().cpu())
                 kls.append(kl.detach().cpu())
-        norms.append(clip_grad_norm(policy, cfg.grad_clip))          # (the norm before clipping)
+        norms.append(clip_grad_norm(policy, cfg.grad_clip))
         opt.step()
-        opt.zero_grad(set_to_none=True)          # (freed: none carry over to the next minibatch or rollouts)
+        opt.zero_grad(set_to_none=True)          # freed: no memory held through the next minibatch or rollouts
     return dict(clipfrac=global_mean(torch.cat(clipped)), kl=global_mean(torch.cat(kls)),
                 policy_loss=dist_sum(sum(plosses)) / cfg.minibatches, grad_norm=float(np.mean(norms)),
                 value_loss=global_mean(torch.cat(vlosses)) if vlosses else None)
@@ -1082,16 +1083,16 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     make on the union of their rollouts (with --minibatches 1; with more, each process splits its own).
     Statistics that were not measured (no group with a signal; no value head) are absent or None."""
     B, offset = ro.block_size, ro.offset
-    value_head = value_head if cfg.advantage == "gae" else None       # (CJ-GRPO has no value)
+    value_head = value_head if cfg.advantage == "gae" else None       # CJ-GRPO has no value
     # which samples teach something: per group, z-scored rewards (gae) or rewards minus the mean (group)
-    scores, keep = group_advantages(ro.rewards, cfg.advantage, cfg.acc_band)                  # (prompts, G)
-    kept = keep.flatten().nonzero()[:, 0].tolist()
+    sample_adv, signal = group_advantages(ro.rewards, cfg.advantage, cfg.acc_band)             # (prompts, G)
+    sample_adv, learn_from = sample_adv.flatten(), signal.flatten().nonzero()[:, 0].tolist()   # (samples,), indices
     stats = rollout_stats(ro.gens, ro.rewards, B, offset)
-    stats.update(kept=dist_sum(len(kept)) / max(1.0, dist_sum(len(ro.gens))))
+    stats.update(kept=dist_sum(len(learn_from)) / max(1.0, dist_sum(len(ro.gens))))
 
     # 2. the states the sampler visited, as training sequences
     budget = trainer_budget(cfg, policy.config.vocab_size)          # (tokens, targets) of one forward
-    tb = build_trace_batch(ro.prompts, ro.gens, kept, B, offset, cfg.shrink, mask_id, budget)
+    tb = build_trace_batch(ro.prompts, ro.gens, learn_from, B, offset, cfg.shrink, mask_id, budget)
     M = len(tb.label)
     n_targets = dist_sum(M)
     if n_targets == 0:                           # no prompt with signal on any process: nothing to learn
@@ -1101,24 +1102,19 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     #    log p_sampler| per target is ~1e-8 when the policy samples itself (fp32), a rounding error with a
     #    bf16 rollout copy: its mean, the share above 0.1 and its largest value are logged.
     plan = minibatch_plan(tb, cfg, budget, shuffle)
-    logp_old, v_old, entropy = old_policy_scores(policy, value_head, tb, plan, cfg, B, offset, pad_id)
+    logp_old, v_old, entropy = old_policy_pass(policy, value_head, tb, plan, cfg, B, offset, pad_id)
     gap = (logp_old - tb.sampler_logp).abs()
     stats.update(traj_gap=global_mean(gap), traj_gap_max=dist_max(gap.max().item() if M else 0.0),
                  traj_gap_over=global_mean(gap > 0.1), entropy=global_mean(entropy))
 
     # 4. advantages per target token: the outcome spread over each sample's denoising steps by GAE
     #    (TraceRL), or the sample's own advantage on every token (CJ-GRPO)
-    if value_head is not None:
-        adv, ret = torch.zeros(M), torch.zeros(M)
-        if M:                                    # (a process can hold no kept sample while others do)
-            row = torch.full((len(ro.gens),), -1, dtype=torch.long)
-            row[kept] = torch.arange(len(kept))                                           # sample -> 0..S-1
-            outcome = scores.flatten()[kept]                                              # (S,) z-scored rewards
-            adv, ret = token_advantages(outcome, row[tb.sample], tb.token, tb.step, v_old, gamma=cfg.gamma,
-                                        lam=cfg.gae_lambda)
+    if value_head is not None:               # (M = 0: a process may hold no sample with a signal while others do)
+        adv, ret = token_advantages(sample_adv, tb.sample, tb.token, tb.step, v_old, gamma=cfg.gamma,
+                                    lam=cfg.gae_lambda) if M else (torch.zeros(0), torch.zeros(0))
         stats["explained_var"] = explained_variance(ret, v_old)
     else:
-        adv, ret = scores.flatten()[tb.sample], None
+        adv, ret = sample_adv[tb.sample], None
     weights = token_weights(tb, cfg.advantage)
 
     # 5. PPO: --minibatches optimizer steps
@@ -1224,16 +1220,16 @@ def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg
     mine = list(problems)[rank::size]                                     # every N-th problem per process
     n = cfg.eval_samples
     prompts = [ids for p in mine for ids in [encode_prompt(tokenizer, p["question"])] * n]     # encoded once
-    mine = [p for p in mine for _ in range(n)]                             # n samples of each problem
-    seed = seed_for(cfg.seed, len(cfg.block_sizes), block_size, rank)     # (the same for every stage)
+    per_sample = [p for p in mine for _ in range(n)]                       # n samples of each problem
+    seed = seed_for(cfg.seed, len(cfg.block_sizes), block_size, rank)     # the same for every stage
     t0 = time.time()
     gens = engine.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
                            generator=torch.Generator(engine.device).manual_seed(seed),
                            **sampler_kwargs(cfg, block_size))
     seconds = dist_sum(time.time() - t0) / size                           # the processes ran side by side
-    rewards = rewards_of(gens, mine, tokenizer, reward_fn).numpy().reshape(-1, n)
+    rewards = rewards_of(gens, per_sample, tokenizer, reward_fn).numpy().reshape(-1, n)
     metrics = rollout_stats(gens, rewards, block_size)
-    n_problems = dist_sum(len(mine) // n)       # pass@n: per problem from its n samples, then the mean
+    n_problems = dist_sum(len(mine))            # pass@n: per problem from its n samples, then the mean
     metrics.update({f"pass@{n}": dist_sum(sum(pass_at_k(n, int(c), n) for c in rewards.sum(1))) / max(1, n_problems),
                     "tokens_per_s": metrics["length"] * dist_sum(len(gens)) / max(1e-9, seconds),
                     "problems": int(n_problems)})
@@ -1243,7 +1239,7 @@ def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg
 def evaluate_stage(engine: Engine, tokenizer, eval_sets, reward_fn, cfg: Config, rec: Recorder, stage: int,
                    stage_block_size: int, step: int) -> None:
     """Evaluate after `stage` (0: the start model) at every evaluation block size, and record it."""
-    engine.refresh()                              # (the rollout copy: the weights this stage ended with)
+    engine.refresh()                              # the rollout copy: the weights this stage ended with
     for name, problems in eval_sets.items():
         for B in cfg.eval_block_sizes:
             metrics, gens = evaluate(engine, tokenizer, problems, reward_fn, cfg, B)
@@ -1606,18 +1602,18 @@ def qwen3_config(config_dict: dict, name: str = "the model"):
     from transformers import Qwen3Config
 
     if not isinstance(config_dict, dict):
-        raise UsageError(f"{name} is not a model config: it holds a JSON {type(config_dict).__name__}, not an object")
+        raise UsageError(f"{name} is not a model config: it holds {json_kind(config_dict)}, not an object")
     kind = config_dict.get("model_type", "qwen3")
     if kind not in ("qwen3", "sdar"):
-        raise UsageError(f"tstar runs Qwen3-architecture block-diffusion models (SDAR); {name} has model_type {kind!r}")
+        raise UsageError(f"tstar runs Qwen3-architecture block-diffusion models (SDAR); {name} has model_type {json_text(kind)}")
     kwargs = {k: v for k, v in config_dict.items() if k not in _DROP_KEYS}
     if kwargs.get("rope_scaling") is None:
         kwargs.pop("rope_scaling", None)       # SDAR writes null; transformers 5 warns about the key
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "head_dim"):
         value = kwargs.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise UsageError(f"{name}: {key} must be a positive integer, got {value!r}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"{name}: {key} must be a positive integer, got {json_text(value)}")
     try:                                       # transformers' own checks (value types, RoPE parameters)
         config = Qwen3Config(**kwargs)
     except Exception as e:                     # (its validators' errors come wrapped: the cause says what)
@@ -2533,7 +2529,8 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
             + f" = {human(sampling_peak)} while sampling"
             + (f"; gradients {human(grads)} + micro-batch ~{human(micro)} = {human(training_peak)} while training"
                if training else "")
-            + f"; rollout batch {rows} rows{note}" + ("; the KV cache and CUDA graphs stay between calls" if keep else ""))
+            + f"; rollout batch {rows} rows{note}"
+            + ("; the KV cache and CUDA graphs stay between calls" if keep else ""))
     return dict(params=P, processes=N, weights=weights, adam=adam, copy=copy_bytes, kv_row=kv_row, step_row=step_row,
                 grads=grads, micro_batch=micro, adam_step=adam_step if training else 0, graphs=graph, width=width,
                 rows=rows, keep=keep, sampling=sampling_peak, training=training_peak, line=line)
@@ -2547,7 +2544,7 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
 # PyTorch's FSDP2 (fully_shard): each decoder layer, the trunk (embedding, final norm) and the LM head are units
 # whose fp32 weights, gradients and AdamW state are split over the processes and gathered per unit for each
 # forward; gradients are reduce-scattered. The value head is a unit of its own. Every process must run the
-# same number of forwards (as_many_everywhere; score_sequences forwards a stand-in). Metrics are summed (dist_sum);
+# same number of forwards (as_many_everywhere; forward_sequences forwards a stand-in). Metrics are summed (dist_sum);
 # only rank 0 prints, logs and saves.
 
 
@@ -2740,7 +2737,7 @@ def read_json(path: Path, fix: str) -> dict:
     with reading(path, fix, own=True):
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict):
-            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            raise ValueError(f"it holds {json_kind(data)}, not an object")
         return data
 
 
@@ -2925,8 +2922,7 @@ def stages_done(cfg: Config, out: Path) -> int:
     fix = f"delete {last} and run again (--resume if a stage is left)"
     saved = read_json(last / "tstar.json", fix).get("config", {})
     now = json.loads(json_text(dataclasses.asdict(cfg)))            # (as saved: tuples become lists)
-    # every setting that shapes training must be the one the stage was trained with (the flags, not the values
-    # finalize_config derives from them)
+    # every setting that shapes training must be the one the stage was trained with
     differ = [k for k in now if k not in RESUME_MAY_DIFFER and saved.get(k) != now[k]]
     # (and the stage must exist in this curriculum, under the name this curriculum gives it)
     if differ or done > len(cfg.block_sizes) or last != stage_dir(cfg, out, done):
@@ -2943,6 +2939,12 @@ def stages_done(cfg: Config, out: Path) -> int:
 # ======================================================================================================
 # What a run keeps (Recorder): metrics.jsonl, results.md (accuracy, TPF and LocalStrict per stage and block
 # size), curves.png (rollout accuracy and TPF per step) and trajectory-*.png (the decoding order).
+
+
+def json_kind(x) -> str:
+    """What a parsed JSON value is, in JSON's words (null, not None)."""
+    kinds = {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}
+    return kinds.get(type(x), "a number")
 
 
 def json_text(obj, **kwargs) -> str:
