@@ -506,7 +506,7 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
     token is masked with probability p (at least one). Loss = sum over masked tokens of CE / p, divided by the
     number of response tokens in the batch."""
     dev = prompts[0].device
-    seqs, cols, labels, rows, weights, total = [], [], [], [], [], 0
+    seqs, targets, total = [], [], 0
     for j, (prompt, response) in enumerate(zip(prompts, responses)):
         P = len(prompt)
         padded_len = block_size * math.ceil((P + len(response)) / block_size) - P
@@ -516,15 +516,13 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
         masked = ((u < p) | (u == u.min())).to(dev)                                   # (L,)
         ids, pos, noisy, col = diffusion_layout(prompt, response, masked[None], block_size, 0, mask_id)
         seqs.append((ids[0], pos[0], noisy[0]))
-        cols.append(col[masked])                                                     # the masked tokens: targets
-        labels.append(response[masked])
-        rows.append(torch.full((len(cols[-1]),), j))
-        weights.append(torch.full((len(cols[-1]),), 1.0 / float(p)))
+        col = col[masked]                                                            # the masked tokens: targets
+        targets.append((torch.full_like(col, j), col, response[masked], torch.full(col.shape, 1.0 / float(p))))
         total += padded_len
     ids, pos, noisy, valid = pad_rows(*zip(*seqs), pad_id=pad_id)
-    logp, _, _ = forward_targets(model, ids, pos, noisy, valid, torch.cat(rows).to(dev), torch.cat(cols),
-                                 torch.cat(labels), block_size, 0)
-    return -(logp * torch.cat(weights).to(dev)).sum() / total
+    rows, cols, labels, weights = (torch.cat(t).to(dev) for t in zip(*targets))                # (M,) each
+    logp, _, _ = forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_size, 0)
+    return -(logp * weights).sum() / total
 
 
 def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
@@ -1038,8 +1036,7 @@ def old_policy_pass(policy, value_head, tb: TraceBatch, plan, cfg: Config, block
         for tgt, logp, values, ent in forward_sequences(policy, value_head, tb, [c for mb in plan for c in mb],
                                                       block_size, offset, pad_id, entropy=True):
             logp_old[tgt], entropy[tgt] = logp.cpu(), ent.cpu()
-            if values is not None:
-                v_old[tgt] = values.cpu()
+            v_old[tgt] = values.cpu() if values is not None else 0.0
     return logp_old, v_old if value_head is not None else None, entropy
 
 
@@ -1605,7 +1602,8 @@ def qwen3_config(config_dict: dict, name: str = "the model"):
         raise UsageError(f"{name} is not a model config: it holds {json_kind(config_dict)}, not an object")
     kind = config_dict.get("model_type", "qwen3")
     if kind not in ("qwen3", "sdar"):
-        raise UsageError(f"tstar runs Qwen3-architecture block-diffusion models (SDAR); {name} has model_type {json_text(kind)}")
+        raise UsageError(f"tstar runs Qwen3-architecture block-diffusion models (SDAR); {name} has model_type "
+                         f"{json_text(kind)}")
     kwargs = {k: v for k, v in config_dict.items() if k not in _DROP_KEYS}
     if kwargs.get("rope_scaling") is None:
         kwargs.pop("rope_scaling", None)       # SDAR writes null; transformers 5 warns about the key
