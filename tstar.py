@@ -6,7 +6,7 @@ attention stays causal across blocks so finished blocks can be cached. Larger bl
 forward (faster decoding), but a model trained at a small block size (SDAR, B=4) loses accuracy when
 asked to decode at B=32. T* fixes this with a curriculum: run TraceRL (trajectory-aware PPO, which trains
 on exactly the intermediate states the sampler visited) at B=4, then double the block size, 4 -> 8 -> 16
--> 32, re-optimising the policy at every stage, with half of the batches using shifted block boundaries.
+-> 32, re-optimising the policy at every stage, with half of the RL steps using shifted block boundaries.
 The result decodes at B=32 with more tokens per forward and, on math, higher accuracy than the start.
 
 Two commands:
@@ -42,7 +42,7 @@ Where this file departs from the papers (choices where they are silent, and simp
     * Value: a linear head on the policy's detached hidden states, own learning rate, not a second model.
     * Loss: a mean over all target tokens of all processes, not over a padded length (CJ-GRPO: per round).
     * PPO: --minibatches (2) optimizer steps per RL step; old log-probs from one pass before the first.
-    * T*: shifted boundaries = offset B/2 for rollout and training of half of each stage's batches.
+    * T*: shifted boundaries = offset B/2 for rollout and training of half of each stage's RL steps.
     * Direct baseline: as many stages and steps as T*, all at the last block size, fresh optimizers alike.
     * GPU: fp32 master weights, bf16 autocast (FSDP: weights gathered in bf16); rollouts from a bf16 copy, so
       log-probs differ by rounding.
@@ -73,6 +73,7 @@ os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cu
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 
@@ -244,7 +245,8 @@ class Generation:
     """One sampled response. `ids` is the whole decoded trajectory: every response position the sampler
     filled, through the end of the last decoded block (after a stop token, or past the length limit, the
     block was still filled)."""
-    # e.g. B = 4, 6 tokens of which the 4th is eos: ids x x x eos x x, n_tokens 4, stopped True; the step map
+    # e.g. B = 4, a prompt ending 2 tokens into a block (so the first decoded block has 2 response slots), 6
+    # tokens of which the 4th is eos: ids x x x eos x x, n_tokens 4, stopped True; the step map
     # counts the row's forwards, so its largest value is nfe (every step commits at least one token)
     ids: list[int]
     step_map: list[int]      # per token of ids: the row's denoising step (1..nfe) that finalized it
@@ -323,8 +325,7 @@ def choose_commits(todo, conf, quota, remasking: str, threshold: float):
     if remasking == "dynamic":
         n_commit = torch.maximum(n_commit, (score > threshold).sum(1))
     n_commit = torch.minimum(n_commit, todo.sum(1))
-    order = score.sort(dim=1, descending=True, stable=True).indices          # (n, B) most confident first
-    rank = order.argsort(dim=1)                                               # (n, B) 0 = the most confident
+    rank = score.sort(dim=1, descending=True, stable=True).indices.argsort(dim=1)   # (n, B) 0 = most confident
     return todo & (rank < n_commit[:, None])
 
 
@@ -360,8 +361,9 @@ def padded_frame(prompts, block_size: int, offset: int, max_new_tokens: int, fil
     rounded up to whole blocks."""
     B = block_size
     P = torch.tensor([len(p) for p in prompts], device=device)                # (n,)
-    first = offset + block_index(P, B, offset) * B    # start of the block holding P; < 0 is a virtual
-    D = max(int(first.max()), 0)                      # block reaching before 0 (only when offset > 0)
+    # the start of the block holding P: < 0 for a virtual block reaching before 0 (only when offset > 0)
+    first = offset + block_index(P, B, offset) * B                             # (n,)
+    D = max(int(first.max()), 0)
     pad = D - first                                                            # (n,)
     end = D + B * torch.div(pad + P + max_new_tokens - D + B - 1, B, rounding_mode="floor")   # (n,)
     W = int(end.max())
@@ -431,11 +433,9 @@ def generate(model, prompts: Sequence[Sequence[int]], *, mask_id: int, stop_ids:
                 g = eoser_factor(s, n_steps, *eoser)[todo.nonzero()[:, 0]]     # (M,) each position's row
                 conf = torch.where(torch.isin(cand, stops), conf * g, conf)
             commit = choose_commits(todo, conf, quotas[:, s], remasking, threshold)   # (n, B)
-            tok, lp = torch.zeros_like(xb), torch.zeros(todo.shape, device=dev)
-            tok[todo], lp[todo] = cand, logp
-            xb = torch.where(commit, tok, xb)
+            picked = commit[todo]                          # (M,) which candidates are committed (row-major, as cand)
+            xb[commit], frame.logp[:, c: c + B][commit] = cand[picked], logp[picked]
             frame.step_map[:, c: c + B] = torch.where(commit, frame.nfe[:, None], frame.step_map[:, c: c + B])
-            frame.logp[:, c: c + B] = torch.where(commit, lp, frame.logp[:, c: c + B])
             todo &= ~commit
         frame.x[:, c: c + B] = xb
         # rows with a stop token in this block, or at their last block, are done
@@ -508,8 +508,7 @@ def block_diffusion_loss(model, prompts, responses, block_size: int, mask_id: in
     dev = prompts[0].device
     seqs, targets, total = [], [], 0
     for j, (prompt, response) in enumerate(zip(prompts, responses)):
-        P = len(prompt)
-        padded_len = block_size * math.ceil((P + len(response)) / block_size) - P
+        padded_len = block_size * math.ceil((len(prompt) + len(response)) / block_size) - len(prompt)
         response = torch.cat([response, response.new_full((padded_len - len(response),), pad_id)])
         p = (1 - eps) * torch.rand((), generator=generator) + eps
         u = torch.rand(padded_len, generator=generator)
@@ -566,12 +565,12 @@ def warm_start(model, tokenizer, problems, cfg: Config, device) -> list[float]:
 # takes the r-th of them in every block at once:
 #     targets  the tokens finalized at that step,
 #     masked   every token of the block finalized at that step or later (earlier ones stay visible).
-# Blocks that have run out of steps are fully visible in later rounds. Example, B=4 (P target, M masked,
+# Blocks that have run out of steps are fully visible in later rounds. Example, B=4 (x target, M masked,
 # . visible), step map [1,1,2,1 | 3,5,4,6 | 7,7,7,7]:
-#     round 1  PPMP PMMM PPPP     round 2  ..P. .MPM ....     round 3  .... .P.M ....     round 4  .... ...P ....
-# (block 2's steps are 3, 4, 5, 6: in round 1 step 3 is the target and the rest masked, and so on.) shrink s
-# merges each run of s consecutive distinct steps of a block into one round: its targets are predicted
-# together from the state before the run (s = 1 reproduces the trajectory exactly).
+#     round 1  xxMx xMMM xxxx     round 2  ..x. .MxM ....     round 3  .... .x.M ....     round 4  .... ...x ....
+# (the second block's steps are 3, 4, 5, 6: in round 1 step 3 is the target and the rest masked, and so on.)
+# A shrink of s (--shrink) merges each run of s consecutive distinct steps of a block into one round: its
+# targets are predicted together from the state before the run (s = 1 reproduces the trajectory exactly).
 #
 # The training layout. The obvious one (the warm start's, section 4) is one sequence per round, [prompt |
 # clean response | noisy copy of every block]: R rounds cost R (P + 2L) tokens, though the prompt and the
@@ -656,9 +655,9 @@ def noisy_copies(prompt, response, targets, masked, block_size: int, offset: int
 def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int], block_size: int, offset: int,
                       shrink: int, mask_id: int, budget: tuple[int, int] | None = None) -> TraceBatch:
     """Trace rounds of the chosen samples in the packed layout (section 5): per sample [prompt | clean response |
-    its noisy copies], cut into several sequences where one would exceed the budget of a forward, (tokens,
-    targets) (each holds at least one copy). The layout uses the rollout's own offset, so every noisy block sees
-    exactly what the sampler saw when it committed the targets."""
+    its noisy copies], cut into several sequences where one would exceed the budget of a forward (tokens,
+    targets), each sequence holding at least one copy. The layout uses the rollout's own offset, so every
+    noisy block sees exactly what the sampler saw when it committed the targets."""
     max_tokens, max_targets = budget or (math.inf, math.inf)
     sequences = []      # each: its pieces (ids, pos, copy id), its length, its targets (col, sample, token, round)
     for j in samples:
@@ -684,10 +683,9 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 
     def per_target(field: str, dtype) -> torch.Tensor:      # a field of each target's Generation, (M,)
         return torch.tensor([getattr(gens[j], field)[i] for j, i in zip(sample.tolist(), token.tolist())], dtype=dtype)
-    counts = torch.tensor([seq["n"] for seq in sequences], dtype=torch.long)
-    return TraceBatch(ids, pos, noisy, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]), col,
-                      per_target("ids", torch.long), sample, token, rnd, per_target("step_map", torch.long),
-                      per_target("logprobs", torch.float))
+    ptr = torch.tensor([0] + [seq["n"] for seq in sequences], dtype=torch.long).cumsum(0)
+    return TraceBatch(ids, pos, noisy, ptr, col, per_target("ids", torch.long), sample, token, rnd,
+                      per_target("step_map", torch.long), per_target("logprobs", torch.float))
 
 
 # ======================================================================================================
@@ -707,7 +705,7 @@ def build_trace_batch(prompts, gens: Sequence[Generation], samples: Sequence[int
 #
 # GAE over denoising steps. For one sample, t runs over its distinct steps in chronological order (all
 # blocks together). With per-step means r*_t and V*_t of the token rewards and values finalized at t,
-#     delta_t = r*_t - V*_t + gamma V*_{t+1}           A*_t = delta_t + gamma lambda A*_{t+1}
+#     delta_t = r*_t - V*_t + gamma V*_{t+1}   A*_t = delta_t + gamma lambda A*_{t+1}   R*_t = r*_t + gamma R*_{t+1}
 #     A_i = r_i - V_i + gamma V*_{t+1} + gamma lambda A*_{t+1}        R_i = r_i + gamma R*_{t+1}
 # for token i finalized at t (the values after the last step are 0). With gamma = lambda = 1 this is
 # A_i = R - V_i: the outcome minus the token's own value. Example, gamma = lambda = 1, a sample decoded in steps
@@ -805,12 +803,11 @@ def token_weights(tb: TraceBatch, mode: str) -> torch.Tensor:
     divides by the sum of the weights over all processes, which makes the loss of N processes that of one on
     their union."""
     M = len(tb.label)
-    if mode == "gae":
+    if mode == "gae" or M == 0:
         return torch.ones(M)
-    key = tb.sample * (int(tb.round.max()) + 1 if M else 1) + tb.round
+    key = tb.sample * (int(tb.round.max()) + 1) + tb.round                      # (M,) one per (sample, round)
     _, inv, per_round = torch.unique(key, return_inverse=True, return_counts=True)
-    rounds = torch.zeros(int(tb.sample.max()) + 1 if M else 0).scatter_reduce(0, tb.sample, tb.round.float() + 1,
-                                                                              reduce="amax")   # per sample
+    rounds = torch.zeros(int(tb.sample.max()) + 1).scatter_reduce(0, tb.sample, tb.round.float() + 1, "amax")
     return 1.0 / (per_round[inv].float() * rounds[tb.sample])
 
 
@@ -839,8 +836,8 @@ def new_value_head(model) -> torch.nn.Linear:
 #              prompt of 2, step map 1 2 | 3 3 5 4 | 6 6: of the in-block pairs (1,2) (3,3) (3,5) (5,4) (6,6)
 #              all but (5,4) are in order: LocalStrict 4/5.
 # truncated    the fraction of responses cut by the length limit (they score 0)
-# Every one is a ratio of sums over the samples of all processes (rollout_stats), for RL steps and
-# evaluation alike.
+# Every one but pass@k is a ratio of sums over the samples of all processes (rollout_stats), for RL steps and
+# evaluation alike; pass@k (evaluation only) is a mean over problems.
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -935,13 +932,11 @@ def collect_rollouts(engine: Engine, tokenizer, problems: Sequence[dict], reward
     return Rollouts(prompts, gens, rewards.view(-1, G), block_size, offset)
 
 
-LOGIT_BYTES = 2 ** 30    # fp32 logits of a micro-batch's targets: at most this much (1,766 targets at SDAR's vocab)
+LOGIT_BYTES = 2 ** 30    # one (targets, vocab) fp32 tensor of a micro-batch (1,766 targets at SDAR's vocab)
 
 
 def pad_rows(ids, pos, noisy, pad_id: int):
     """Right-pad lists of 1-D row tensors into (n, T) tensors plus the real-token mask."""
-    from torch.nn.utils.rnn import pad_sequence
-
     valid = pad_sequence([torch.ones(len(r), dtype=torch.bool, device=r.device) for r in ids], batch_first=True)
     return (pad_sequence(list(ids), batch_first=True, padding_value=pad_id),
             pad_sequence(list(pos), batch_first=True), pad_sequence(list(noisy), batch_first=True), valid)
@@ -950,8 +945,8 @@ def pad_rows(ids, pos, noisy, pad_id: int):
 def trainer_budget(cfg: Config, vocab_size: int) -> tuple[int, int]:
     """(tokens, targets) one forward of the trainer may hold: --micro-batch-tokens, padding included, and as many
     targets as have their fp32 logits (targets x vocab x 4 bytes) within LOGIT_BYTES. With real weights dynamic
-    decoding commits most of a block at its first step, so the targets of 2000-token responses would make
-    4.9 GB of logits per copy at SDAR's vocabulary of 151,936 if nothing cut them."""
+    decoding commits most of a block at its first step, so a micro-batch of four 2000-token responses would hold
+    8,000 targets: 4.9 GB for one (targets, vocab) fp32 tensor at SDAR's vocabulary of 151,936."""
     return cfg.micro_batch_tokens, max(1, LOGIT_BYTES // (4 * vocab_size))
 
 
@@ -1004,14 +999,12 @@ def forward_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequen
             out = forward_targets(model, one, z, z, z == 0, z[0], z[0], one[0], 1, 0, value_head, entropy)
             yield (torch.zeros(0, dtype=torch.long), *(t if t is None else t[:0] for t in out))
             continue
-        counts = torch.stack([tb.ptr[k + 1] - tb.ptr[k] for k in chunk])
         tgt = tb.targets(chunk)
-        ids, pos, noisy, valid = pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
-                                          [tb.noisy[k] for k in chunk], pad_id)
-        rows = torch.repeat_interleave(torch.arange(len(chunk)), counts)
-        logp, values, ent = forward_targets(model, ids.to(dev), pos.to(dev), noisy.to(dev), valid.to(dev),
-                                            rows.to(dev), tb.col[tgt].to(dev), tb.label[tgt].to(dev),
-                                            block_size, offset, value_head, entropy)
+        ids, pos, noisy, valid = (t.to(dev) for t in pad_rows([tb.ids[k] for k in chunk], [tb.pos[k] for k in chunk],
+                                                                [tb.noisy[k] for k in chunk], pad_id))
+        rows = torch.arange(len(chunk)).repeat_interleave(tb.ptr.diff()[chunk])     # (M_mb,) each target's row
+        logp, values, ent = forward_targets(model, ids, pos, noisy, valid, rows.to(dev), tb.col[tgt].to(dev),
+                                            tb.label[tgt].to(dev), block_size, offset, value_head, entropy)
         yield tgt, logp, values, ent
 
 
@@ -1019,9 +1012,8 @@ def minibatch_plan(tb: TraceBatch, cfg: Config, budget: tuple[int, int], shuffle
     """The training sequences in --minibatches shuffled shares, each cut into micro-batches (lists of sequence
     indices, one forward each). The old pass and the update forward these same groups: kernels in bf16 are not
     batch-invariant, and other padded lengths would make the ratio at the first minibatch other than 1."""
-    order = torch.randperm(len(tb.ids), generator=shuffle).tolist()
-    return [as_many_everywhere(micro_batches(tb, mb.tolist(), budget))
-            for mb in np.array_split(np.array(order, dtype=np.int64), cfg.minibatches)]
+    order = torch.randperm(len(tb.ids), generator=shuffle, device=shuffle.device).cpu()
+    return [as_many_everywhere(micro_batches(tb, mb.tolist(), budget)) for mb in order.tensor_split(cfg.minibatches)]
 
 
 @torch.no_grad()
@@ -1091,8 +1083,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     budget = trainer_budget(cfg, policy.config.vocab_size)          # (tokens, targets) of one forward
     tb = build_trace_batch(ro.prompts, ro.gens, learn_from, B, offset, cfg.shrink, mask_id, budget)
     M = len(tb.label)
-    n_targets = dist_sum(M)
-    if n_targets == 0:                           # no prompt with signal on any process: nothing to learn
+    if dist_sum(M) == 0:                           # no prompt with signal on any process: nothing to learn
         return stats
 
     # 3. old log-probs and values: the pre-update weights, the same layout. The trajectory gap |log p_old -
@@ -1123,12 +1114,12 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
 def rl_step(policy, value_head, opt, engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg: Config,
             block_size: int, offset: int, seed: int) -> dict:
     """One TraceRL step: rollouts from the engine, then a PPO update of the policy and the value head. `seed`
-    starts two random streams: the sampling's, on the model's device, and the update's shuffle, on the CPU."""
+    starts the step's one random stream, on the model's device: the rollouts' sampling, then the update's
+    shuffle."""
     t0 = time.time()
-    ro = collect_rollouts(engine, tokenizer, problems, reward_fn, cfg, block_size, offset,
-                          torch.Generator(engine.device).manual_seed(seed))
-    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id,
-                       torch.Generator().manual_seed(seed))
+    generator = torch.Generator(engine.device).manual_seed(seed)
+    ro = collect_rollouts(engine, tokenizer, problems, reward_fn, cfg, block_size, offset, generator)
+    stats = ppo_update(policy, value_head, opt, ro, cfg, tokenizer.mask_token_id, tokenizer.eos_token_id, generator)
     return {**stats, "seconds": time.time() - t0}
 
 
@@ -1136,10 +1127,10 @@ def rl_step(policy, value_head, opt, engine: Engine, tokenizer, problems: Sequen
 # 9. The T* curriculum (T*, arXiv 2601.11214)
 # ======================================================================================================
 # T* runs TraceRL at B, then doubles B (4 -> 8 -> 16 -> 32); each stage starts from the previous stage's
-# weights and value head, with a fresh optimizer. Inside a stage a fraction of the RL batches (default
+# weights and value head, with a fresh optimizer. Inside a stage a fraction f of the RL steps (default
 # half) use shifted block boundaries, offset = B/2, for the rollout and for the training layout alike,
-# so the trajectory stays consistent; the other batches use offset 0. Evaluation always uses offset 0.
-# The shifted batches are spread evenly over the stage: batch k is shifted iff floor((k+1) f) > floor(k f).
+# so the trajectory stays consistent; the other steps use offset 0. Evaluation always uses offset 0.
+# The shifted steps are spread evenly over the stage: step k is shifted iff floor((k+1) f) > floor(k f).
 # --direct is the paper's baseline: the same number of stages and steps, all at the final block size.
 # The default plan: 4 stages of 30 steps at B = 4, 8, 16, 32, with offsets 0, 2, 0, 2, ... at B = 4 and 0, 16,
 # 0, 16, ... at B = 32; --direct: the same 4 x 30 steps, all at B = 32.
@@ -1159,10 +1150,11 @@ def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction:
 
 def seed_for(seed: int, stage: int = 0, step: int = 0, rank: int = 0) -> int:
     """The seed of one torch random stream of a run: the rollouts of RL step `step` of stage `stage` on process
-    `rank`, and evaluation (the stage after the last). 10,007 and 101 are primes and the processes lie
-    1,000,000,007 apart, so two of a run's streams share a seed only if their steps differ by a multiple of
-    10,007. The warm start and the initial weights use seed_for(seed), the first rollouts' seed (for masks and
-    weights, not samples). The problems of a step are drawn from the same (stage, step) by draw_problems."""
+    `rank`, and evaluation (as stage: the one after the last; as step: the block size). 10,007 and 101 are primes
+    and the processes lie 1,000,000,007 apart, so two of a run's streams share a seed only if their steps differ
+    by a multiple of 10,007. The warm start's masks and the initial weights use seed_for(seed), the number of
+    the first rollouts' seed, for draws of another kind. The problems of a step are drawn from the same
+    (stage, step) by draw_problems."""
     return seed * 1_000_003 + stage * 10_007 + step * 101 + rank * 1_000_000_007
 
 
@@ -1188,7 +1180,7 @@ def train(cfg: Config, model, value_head, engine: Engine, tokenizer, train_probl
                                  {"params": value_head.parameters(), "lr": cfg.value_lr}], weight_decay=0.0)
         for step, offset in enumerate(offsets):
             # the step's problems: one draw, the same on every process, which takes every N-th of them; its
-            # rollouts and its update's shuffle: random streams of their own (seed_for)
+            # rollouts and its update's shuffle: a random stream of its own (seed_for)
             problems = draw_problems(train_problems, cfg.prompts_per_step, cfg.seed, k, step)
             stats = rl_step(model, value_head, opt, engine, tokenizer, problems[rank::size], reward_fn, cfg, B,
                             offset, seed_for(cfg.seed, k, step, rank))
@@ -1214,10 +1206,10 @@ def evaluate(engine: Engine, tokenizer, problems: Sequence[dict], reward_fn, cfg
     """Metrics of one evaluation set at one block size (offset 0), over all processes. Returns the
     metrics dict and this process's generations (for pictures of the decoding order)."""
     rank, size = world()
-    mine = list(problems)[rank::size]                                     # every N-th problem per process
+    mine = list(problems)[rank::size]
     n = cfg.eval_samples
     prompts = [ids for p in mine for ids in [encode_prompt(tokenizer, p["question"])] * n]     # encoded once
-    per_sample = [p for p in mine for _ in range(n)]                       # n samples of each problem
+    per_sample = [p for p in mine for _ in range(n)]
     seed = seed_for(cfg.seed, len(cfg.block_sizes), block_size, rank)     # the same for every stage
     t0 = time.time()
     gens = engine.generate(prompts, rows=cfg.eval_batch, desc=f"eval B={block_size}",
@@ -1302,10 +1294,15 @@ def cache_failure(error: BaseException) -> str | None:
     return None
 
 
+def user_paths(text: str) -> str:
+    """A flag's path, or comma-separated paths, with a leading ~ expanded (the shell leaves --model=~/x alone)."""
+    return ",".join(os.path.expanduser(part) for part in text.split(","))
+
+
 @dataclass
 class Config:
     # --- run ---
-    model: str = str(Path(__file__).resolve().with_name("tiny_config.json"))
+    model: Annotated[str, user_paths] = str(Path(__file__).resolve().with_name("tiny_config.json"))
     """a config JSON (random init of that architecture, e.g. tiny_config.json), a local checkpoint
     directory, or a hub id such as JetLM/SDAR-1.7B-Chat"""
     device: str = "auto"
@@ -1314,7 +1311,7 @@ class Config:
     """compute dtype: float32, bfloat16, or auto (bfloat16 on cuda, float32 on cpu)"""
     seed: Annotated[int, checked(int, 0, 2 ** 32 - 1)] = 0
     """seed of the toy data, the initial weights, sampling and the curriculum"""
-    out_dir: str = "runs/tiny"
+    out_dir: Annotated[str, user_paths] = "runs/tiny"
     """where the warm start, stage checkpoints, metrics.jsonl, tables and plots go"""
 
     # --- sampler ---
@@ -1383,7 +1380,7 @@ class Config:
     direct: bool = False
     """baseline: as many stages and steps, all at the last block size (direct large-block TraceRL)"""
     shift_fraction: Annotated[float, checked(float, 0, 1)] = 0.5
-    """fraction of the RL batches of a stage that use shifted block boundaries (offset B/2)"""
+    """fraction of the RL steps of a stage that use shifted block boundaries (offset B/2)"""
     resume: bool = False
     """continue from the last finished stage in --out-dir"""
     prompts_per_step: Annotated[int, checked(int, 1)] = 32
@@ -1422,9 +1419,9 @@ class Config:
     """clip the policy's gradient norm to this"""
     grad_checkpointing: bool = False
     """recompute activations in the backward pass (saves memory; on by default for checkpoints)"""
-    train_dataset: str = "toy"
+    train_dataset: Annotated[str, user_paths] = "toy"
     """training problems: toy, or (section 13) a dataset name or a local JSON/JSONL/Parquet file"""
-    eval_datasets: str = "toy"
+    eval_datasets: Annotated[str, user_paths] = "toy"
     """evaluation sets, comma-separated: toy, dataset names or local files"""
 
 
@@ -1621,9 +1618,6 @@ def qwen3_config(config_dict: dict, name: str = "the model"):
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     if heads % kv_heads:
         raise UsageError(f"{name}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
-    if kwargs.get("head_dim") is None and config.hidden_size % heads:
-        raise UsageError(f"{name}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads {heads} "
-                         f"(and no head_dim is given)")
     if config.tie_word_embeddings:             # (the rollout copy and the FSDP units take the head as its own weight)
         raise UsageError(f"{name} ties its LM head to its input embedding (tie_word_embeddings): tstar trains "
                          f"untied heads, as SDAR's checkpoints have")
@@ -2369,11 +2363,11 @@ class Engine:
 
 
 # ======================================================================================================
-# 15. Memory: the trainer's micro-batches, the rollout batch
+# 15. Memory: the rollout batch, and what a GPU holds while sampling and while training
 # ======================================================================================================
 # The rollout batch is chosen from the free memory at start (memory_plan) unless --rollout-batch sets it, and a
 # batch that cannot fit is an error at start, not an out-of-memory error an hour later. The trainer's
-# micro-batches are bounded by sequences (--micro-batch) and by the logits of their targets (micro_batches).
+# micro-batches (section 8) are bounded by tokens (--micro-batch-tokens) and by the logits of their targets.
 
 
 def human(n: float, unit: str = "B") -> str:
@@ -2963,8 +2957,8 @@ TRAIN_METRICS = ("traj_gap", "traj_gap_max", "traj_gap_over", "entropy", "explai
 class Recorder:
     """What a run keeps, all of it written by rank 0: metrics.jsonl (one strict-JSON line per RL step and per
     evaluation, appended as it is written), one console line for each, the decoding order of a few samples
-    after each evaluation (trajectory-*.png), a checkpoint after each stage, and at the end results.md (the
-    table) and curves.png. A resumed run keeps the lines of its finished stages; a last line cut by an
+    after each evaluation (trajectory-*.png), and at the end results.md (the table) and curves.png (the stage
+    checkpoints are save_stage's). A resumed run keeps the lines of its finished stages; a last line cut by an
     interrupted write is dropped."""
 
     def __init__(self, cfg: Config, out: Path, tokenizer, log_name: str = "metrics.jsonl",
