@@ -1882,7 +1882,7 @@ def test_the_memory_plan_is_at_least_what_a_sampler_step_and_a_trainer_micro_bat
     sampling, top-p), one trainer micro-batch (old pass and update, under bf16 autocast), AdamW's step and the KV
     cache is at least the measured peak of allocated bytes and at most 25% above it."""
     policy, tok = tstar.load_model_and_tokenizer(str(FIXTURE))
-    config, V = policy.config, policy.config.vocab_size
+    config = policy.config
     rows, B = 8, 32
     engine = tstar.Engine(policy, tok, torch.bfloat16, rows)
     prompts = [tstar.encode_prompt(tok, f"What is {i}+1?") for i in range(rows)]
@@ -1928,7 +1928,6 @@ def test_the_memory_plan_is_at_least_what_a_sampler_step_and_a_trainer_micro_bat
         assert measured <= planned <= 1.25 * measured, (grad, measured, planned)
     opt = torch.optim.AdamW(policy.parameters(), foreach=True)
     opt.step()                                                   # (its moments exist: a term of their own)
-    P = sum(p.numel() for p in policy.parameters())
     measured = live_bytes_peak(opt.step)
     planned = tstar.memory_plan(cfg, policy, [4], 30, torch.device("cpu"), True, False, False, free=10 ** 12)
     assert measured <= planned["adam_step"] <= 1.25 * measured             # (4 P and a few scalars)
@@ -2691,7 +2690,7 @@ def test_every_update_setting_changes_the_update_as_it_must(monkeypatch):
     real = tstar.forward_targets
     monkeypatch.setattr(tstar, "forward_targets", lambda m, ids, *a, **k: shapes.append(ids.shape) or real(m, ids, *a, **k))
     updated(dict(micro_batch_tokens=50))
-    assert max(n * T for n, T in shapes) <= 50 or min(n for n, _ in shapes if n * T > 50) == 1
+    assert max(n * T for n, T in shapes) <= 50 or min(n for n, T in shapes if n * T > 50) == 1
 
 
 def test_every_curriculum_and_warm_start_setting_reaches_train(tmp_path, monkeypatch):

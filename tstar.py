@@ -51,6 +51,8 @@ Where this file departs from the papers (choices where they are silent, and simp
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import copy
 import dataclasses
@@ -61,18 +63,25 @@ import math
 import os
 import random
 import re
+import shutil
+import socket
 import sys
+import threading
 import time
+import typing
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Sequence
 
+import filelock
 import numpy as np
 
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS (read at CUDA start)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from torch.nn.utils.rnn import pad_sequence  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -1427,8 +1436,6 @@ class Config:
 
 def checked(kind, low=None, high=None, above=None):
     """An argparse type: a number of `kind` (finite) in [low, high], or above `above` (each bound optional)."""
-    import argparse
-
     def parse(text: str):
         try:
             value = kind(text)
@@ -1448,7 +1455,6 @@ def checked(kind, low=None, high=None, above=None):
 
 def block_sizes_list(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated block sizes, each >= 1, increasing: "4,8,16,32"."""
-    import argparse
     try:
         sizes = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -1460,7 +1466,6 @@ def block_sizes_list(text: str) -> tuple[int, ...]:
 
 def accuracy_band(text: str) -> tuple[float, float]:
     """An argparse type: "low,high" with 0 <= low <= high <= 1."""
-    import argparse
     try:
         low, high = (float(v) for v in text.split(","))
     except ValueError:
@@ -1483,10 +1488,6 @@ def build_parser():
     """The command line, one flag per Config field, grouped by the Config's sections; each field's type (its
     Annotated check, its Literal choices) is the flag's. Python keeps neither a field's docstring nor its section
     comment at runtime, so both are read from the class's source."""
-    import argparse
-    import ast
-    import typing
-
     class Parser(argparse.ArgumentParser):
         def error(self, message):          # one line and exit code 2 (main), not argparse's usage block
             raise UsageError(message.replace("argument ", "", 1).replace(": ", " ", 1))
@@ -1708,8 +1709,6 @@ def key_tiles(mask, t: int) -> list[torch.Tensor]:
     the batch). Every layer gets the same mask: made once per forward."""
     if _KEY_TILES[0] is not None and _KEY_TILES[0]() is mask:
         return _KEY_TILES[1]
-    import weakref
-
     n, T = mask.shape[0], mask.shape[-1]
     tiles = -(-T // t)
     grid = F.pad(mask[:, 0], (0, tiles * t - T, 0, tiles * t - T)).view(n, tiles, t, tiles, t)
@@ -1969,8 +1968,6 @@ def grade(response: str, gold: str, timeout: int = 8) -> float:
     is no boxed answer). Both are normalised (normalize_answer), then compared by math-verify (fractions,
     LaTeX forms, intervals, sets, units...) in at most `timeout` seconds. math-verify bounds its work with
     SIGALRM, which only a main thread may set: tstar grades in its main thread, and refuses any other."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("grade() runs in the main thread only (math-verify's time limit is a SIGALRM)")
     pred = extract_boxed(response)
@@ -2085,7 +2082,7 @@ class KVCache:
     empty slots after it.)"""
 
     def __init__(self, config, rows: int, width: int, dtype, device):
-        shape = (rows, config.num_key_value_heads, width, head_dim(config))
+        shape = (rows, config.num_key_value_heads, width, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.rows, self.kv_len, self.write_at = slice(0, rows), 0, None
@@ -2106,13 +2103,9 @@ class KVCache:
                 buf[lo: lo + len(chunk)] = buf[chunk]
 
 
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def kv_cache_bytes_per_row(config, width: int, dtype) -> int:
     """Bytes of keys and values one row of width tokens needs: layers x 2 x kv heads x head dim x width."""
-    return (config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim(config) * width
+    return (config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * width
             * torch.empty((), dtype=dtype).element_size())
 
 
@@ -2540,23 +2533,17 @@ def memory_plan(cfg: Config, model, sizes: Sequence[int], longest_prompt: int, d
 # only rank 0 prints, logs and saves.
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+def setup_device(cfg: Config) -> torch.device:
+    """The device, selected as the current CUDA device (CUDA graphs capture on the current device's streams: a
+    graph captured for cuda:1 while cuda:0 is current records nothing), and under torchrun the process group
+    (process_group_backend): one GPU per process."""
+    name = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name} requested but CUDA is not available")
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
                          f"cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def setup_device(cfg: Config) -> torch.device:
-    """The device, selected as the current CUDA device (CUDA graphs capture on the current device's streams: a
-    graph captured for cuda:1 while cuda:0 is current records nothing), and under torchrun the process group
-    (process_group_backend): one GPU per process."""
-    device = resolve_device(cfg.device)
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     if torchrun and device.type == "cuda":            # one GPU per process: LOCAL_RANK picks it
         per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
@@ -2738,11 +2725,8 @@ def save_checkpoint(path: Path, model, tokenizer, value_head=None, info: dict | 
     of what this is, written by rank 0 into a temporary directory that is renamed into place at the end:
     `path` either holds a whole checkpoint or does not exist. A sharded model must be saved by every process
     (FSDP gathers the shards); the callers synchronise after it."""
-    from safetensors.torch import save_file
-
     weights, head = full_state_dict(model), full_state_dict(value_head) if value_head is not None else {}
     if is_main():
-        import shutil
         tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"       # hidden: no stage*-B* glob finds it
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=weights)             # (the whole weights, loadable by transformers)
@@ -2764,8 +2748,6 @@ def save_stage(cfg: Config, out: Path, stage: int, B: int, model, value_head, to
 
 
 def load_value_head(model, path: Path) -> torch.nn.Linear:
-    from safetensors.torch import load_file
-
     head, file = new_value_head(model), path / "value_head.safetensors"
     if not file.is_file():                        # (save_checkpoint writes it before tstar.json: lost since)
         raise UsageError(f"{file} is missing: delete {path} and run again (--resume if a stage is left)")
@@ -2830,9 +2812,6 @@ def claimed_out_dir(cfg: Config):
     OS releases the lock when the process ends, however it ends (a killed run leaves nothing to clean up); the
     file names the holder for that message. An out dir this run created is removed again if the run stops with
     bad input before writing anything into it."""
-    import socket
-
-    from filelock import FileLock, Timeout
 
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
@@ -2851,10 +2830,10 @@ def claimed_out_dir(cfg: Config):
             # The holder's line is read before trying the lock, since a try may empty the file.
             holder = path.read_text(errors="replace").strip() if path.is_file() else ""
             open(path, "a").close()           # filelock reports a file it may not open as held by another run
-            lock = FileLock(path, timeout=0)
+            lock = filelock.FileLock(path, timeout=0)
             lock.acquire()
             path.write_text(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        except Timeout:
+        except filelock.Timeout:
             raise UsageError(f"{out} is in use by another run ({holder or 'starting'}); wait for it, "
                              f"or choose another --out-dir") from None
         except OSError as e:
@@ -3079,22 +3058,16 @@ def render_trajectory(tokenizer, g: Generation, block_size: int) -> str:
     return "\n".join(lines)
 
 
-def pyplot():
-    """matplotlib's pyplot, drawing to files only (no window)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_trajectories(gens: Sequence[Generation], block_size: int, path: Path, title: str) -> None:
     """Heatmap: one row per sample, one column per response token, colour = the row's denoising step at
     which the token was finalized (normalised by its NFE). Left-to-right decoding is a smooth ramp;
     parallel decoding shows flat runs. Block boundaries are drawn in white."""
-    plt = pyplot()
+    from matplotlib.figure import Figure          # (not pyplot: a file, no window, no global state)
+
     width = max(g.n_tokens for g in gens)
     grid = np.full((len(gens), width), np.nan)                    # (samples, tokens); NaN (blank) past the end
-    fig, ax = plt.subplots(figsize=(min(16, 2 + width / 6), 1 + 0.35 * len(gens)))
+    fig = Figure(figsize=(min(16, 2 + width / 6), 1 + 0.35 * len(gens)))
+    ax = fig.subplots()
     for r, g in enumerate(gens):
         grid[r, : g.n_tokens] = np.array(g.step_map[: g.n_tokens]) / g.nfe
         blocks = response_blocks(g.prompt_len, g.n_tokens, block_size, g.offset)
@@ -3107,16 +3080,17 @@ def plot_trajectories(gens: Sequence[Generation], block_size: int, path: Path, t
     fig.colorbar(im, ax=ax, label="finalized at step / NFE")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def plot_curves(records: Sequence[dict], path: Path) -> None:
     """Rollout accuracy and TPF against RL step, evaluation points at stage ends, stage boundaries."""
-    plt = pyplot()
+    from matplotlib.figure import Figure
+
     train = [r for r in records if r["kind"] == "train"]
     # the evaluation at the stage's own block size: the number a stage is trained to raise
     evals = [r for r in records if r["kind"] == "eval" and r["block_size"] == r["stage_block_size"]]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))         # accuracy on the left, TPF on the right
+    fig = Figure(figsize=(12, 4))
+    axes = fig.subplots(1, 2)                               # accuracy on the left, TPF on the right
     for ax, key, label in ((axes[0], "accuracy", "accuracy"), (axes[1], "tpf", "tokens per forward")):
         ax.plot([r["step"] for r in train], [r[key] for r in train], ".-", lw=0.8, label="rollouts")
         ax.plot([r["step"] for r in evals], [r[key] for r in evals], "o", label="evaluation at the stage's B")
@@ -3129,7 +3103,6 @@ def plot_curves(records: Sequence[dict], path: Path) -> None:
     axes[0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ======================================================================================================
