@@ -591,6 +591,8 @@ def test_group_advantages_are_z_scores_and_drop_groups_that_agree():
     assert keep[2].all()
     _, keep = tstar.group_advantages(rewards, "gae", band=(0.3, 0.8))          # TraceRL's accuracy band
     assert keep[0].all() and not keep[2].any()
+    _, keep = tstar.group_advantages(torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]]), "gae", band=(0.3, 0.7))
+    assert not keep[0].any() and keep[1].all()                                 # 0.75 is above the band
 
 
 def rl_config(**kw):
@@ -609,6 +611,25 @@ def text_parity_reward(text, problem):
 def every_token_stops(monkeypatch):
     """Every rollout ends after its first block, so it is not cut by the length limit and gets a reward."""
     monkeypatch.setattr(tstar, "stop_token_ids", lambda model, tok: list(range(model.config.vocab_size)))
+
+
+def test_an_rl_step_draws_its_sampling_and_then_its_shuffle_from_one_stream(every_token_stops, monkeypatch):
+    """One generator per RL step, seeded by the step's seed on the model's device: the rollouts sample from it,
+    then the update's minibatch shuffle continues it (the default run's table rests on this rule)."""
+    seen = {}
+    real_collect, real_plan = tstar.collect_rollouts, tstar.minibatch_plan
+
+    def collect(*a):
+        seen["sampling"], seen["seed"] = a[-1], a[-1].initial_seed()
+        return real_collect(*a)
+
+    def plan(tb, cfg, budget, shuffle):
+        seen["shuffle"] = shuffle
+        return real_plan(tb, cfg, budget, shuffle)
+    monkeypatch.setattr(tstar, "collect_rollouts", collect)
+    monkeypatch.setattr(tstar, "minibatch_plan", plan)
+    one_rl_step(text_parity_reward)
+    assert seen["shuffle"] is seen["sampling"] and seen["seed"] == 0
 
 
 def one_rl_step(reward_fn, block_size=4, offset=0, optimizer=torch.optim.AdamW, **config):
@@ -2287,6 +2308,7 @@ def test_block_diffusion_loss_is_sdars_formula_on_the_same_random_draws(monkeypa
     assert torch.equal(seen["labels"], torch.cat(labels))
     assert loss.item() == pytest.approx(expected / total, rel=1e-6)
     assert (seen["ids"][seen["rows"], seen["cols"]] == mask).all()          # the noisy copy masks the targets
+    assert torch.equal(seen["rows"], torch.cat([torch.full((len(t),), j) for j, t in enumerate(labels)]))  # its own
 
 
 def test_rollout_stats_are_ratios_of_sums_over_the_samples_hand_worked():

@@ -330,9 +330,7 @@ def choose_commits(todo, conf, quota, remasking: str, threshold: float):
     the n_s most confident if fewer pass (ties broken by position)."""
     score = torch.full(todo.shape, float("-inf"), device=todo.device)
     score[todo] = conf                                                        # (n, B)
-    n_commit = quota
-    if remasking == "dynamic":
-        n_commit = torch.maximum(n_commit, (score > threshold).sum(1))
+    n_commit = torch.maximum(quota, (score > threshold).sum(1)) if remasking == "dynamic" else quota
     n_commit = torch.minimum(n_commit, todo.sum(1))
     rank = score.sort(dim=1, descending=True, stable=True).indices.argsort(dim=1)   # (n, B) 0 = most confident
     return todo & (rank < n_commit[:, None])
