@@ -1257,8 +1257,8 @@ def evaluate_stage(engine: Engine, tokenizer, eval_sets, reward_fn, cfg: Config,
 # One dataclass holds every setting, and the command line is generated from it: each field's docstring is its
 # --help text, each "# --- name ---" comment its group (cleanrl's Args style). Defaults are the tiny CPU run;
 # with a checkpoint as --model (not the toy's), SDAR_PRESET's values replace them, and any flag given wins. Each
-# field's type checks its flag's value (its range beside it, Annotated), finalize_config the few rules that relate
-# settings, so a bad flag is one line of error before any work starts.
+# field's type checks its flag's value (its range beside it, Annotated; paths get their ~ expanded), finalize_config
+# the few rules that relate settings, so a bad flag is one line of error before any work starts.
 
 
 class UsageError(Exception):
@@ -1303,7 +1303,7 @@ def cache_failure(error: BaseException) -> str | None:
 
 def user_paths(text: str) -> str:
     """A flag's path, or comma-separated paths, with a leading ~ expanded (the shell leaves --model=~/x alone)."""
-    return ",".join(os.path.expanduser(part) for part in text.split(","))
+    return ",".join(os.path.expanduser(part.strip()) for part in text.split(","))
 
 
 @dataclass
@@ -1913,7 +1913,7 @@ def normalize_answer(ans: str) -> str:
     word after a complete number (`18 dollars`; never after anything else: `G \\text{ or } G+1` stays), and a
     double inequality for an interval (`-2 \\le x \\le 7` -> `[-2, 7]`). Each has a test case that math-verify
     alone gets wrong; the forms it reads itself (`1{,}000`, `\\textbf{(C)}`, `18 \\text{ dollars}`) are left."""
-    a = re.sub(r"(?<!\\)[.,;:]+$", "", ans.strip()).strip()          # 104.   3\sqrt{13}.   (not 5\,)
+    a = re.sub(r"(?<!\\)[.,;:]+(\s|\\[,!;: ])*$", "", ans.strip()).strip()   # 104.   104.\,   (not 5\,)
     a = re.sub(r"\\text\{([^{}]*?)[.,;:]+\s*\}$", r"\\text{\1}", a)   # \text{Evelyn.}
     a = a.replace("°", "^\\circ")
     a = re.sub(r"(?<=\d)(?:\\,|\\ )(?=\d{3}(?!\d))", "", a)          # 1\,000  1\ 000
