@@ -991,7 +991,7 @@ def forward_targets(model, ids, pos, noisy, valid, rows, cols, labels, block_siz
 
 
 def forward_sequences(model, value_head, tb: TraceBatch, chunks: Sequence[Sequence[int]], block_size: int,
-                    offset: int, pad_id: int, entropy: bool = False):
+                      offset: int, pad_id: int, entropy: bool = False):
     """Forward the training sequences one micro-batch (a list of sequence indices, micro_batches) at a time.
     Yields (targets, logp, values, entropy) per micro-batch: the indices of its targets in tb's flat arrays and
     their log-probs, values and (with entropy=True) the entropy of the policy there, each (M_mb,). An empty
@@ -1025,7 +1025,7 @@ def minibatch_plan(tb: TraceBatch, cfg: Config, budget: tuple[int, int], shuffle
 
 @torch.no_grad()
 def old_policy_pass(policy, value_head, tb: TraceBatch, plan, cfg: Config, block_size: int, offset: int,
-                      pad_id: int):
+                    pad_id: int):
     """log p_old, V_old (None without a value head) and the policy's entropy at every target, (M,) each, from
     one pass at the pre-update weights over the micro-batches of the plan."""
     dev = next(policy.parameters()).device
@@ -1033,7 +1033,7 @@ def old_policy_pass(policy, value_head, tb: TraceBatch, plan, cfg: Config, block
     logp_old, v_old, entropy = torch.zeros(M), torch.zeros(M), torch.zeros(M)
     with autocast(cfg, dev):
         for tgt, logp, values, ent in forward_sequences(policy, value_head, tb, [c for mb in plan for c in mb],
-                                                      block_size, offset, pad_id, entropy=True):
+                                                        block_size, offset, pad_id, entropy=True):
             logp_old[tgt], entropy[tgt] = logp.cpu(), ent.cpu()
             v_old[tgt] = values.cpu() if values is not None else 0.0
     return logp_old, v_old if value_head is not None else None, entropy
@@ -1090,7 +1090,7 @@ def ppo_update(policy, value_head, opt, ro: Rollouts, cfg: Config, mask_id: int,
     budget = trainer_budget(cfg, policy.config.vocab_size)          # (tokens, targets) of one forward
     tb = build_trace_batch(ro.prompts, ro.gens, learn_from, B, offset, cfg.shrink, mask_id, budget)
     M = len(tb.label)
-    if dist_sum(M) == 0:                           # no prompt with signal on any process: nothing to learn
+    if dist_sum(M) == 0:                         # no prompt with signal on any process: nothing to learn
         return stats
 
     # 3. old log-probs and values: the pre-update weights, the same layout. The trajectory gap |log p_old -
@@ -1156,12 +1156,12 @@ def stage_plan(block_sizes: Sequence[int], steps_per_stage: int, shift_fraction:
 
 
 def seed_for(seed: int, stage: int = 0, step: int = 0, rank: int = 0) -> int:
-    """The seed of one torch random stream of a run: the rollouts of RL step `step` of stage `stage` on process
-    `rank`, and evaluation (as stage: the one after the last; as step: the block size). 10,007 and 101 are primes
-    and the processes lie 1,000,000,007 apart, so two of a run's streams share a seed only if their steps differ
-    by a multiple of 10,007. The warm start's masks and the initial weights use seed_for(seed), the number of
-    the first rollouts' seed, for draws of another kind. The problems of a step are drawn from the same
-    (stage, step) by draw_problems."""
+    """The seed of one torch random stream of a run: RL step `step` of stage `stage` on process `rank` (its
+    rollouts' sampling, then its update's shuffle), and evaluation (as stage: the one after the last; as step: the
+    block size). 10,007 and 101 are primes and the processes lie 1,000,000,007 apart, so two of a run's streams
+    share a seed only if their steps differ by a multiple of 10,007. The warm start's masks and the initial
+    weights use seed_for(seed), the same number as the first RL step's seed; they draw other kinds of numbers,
+    so nothing is repeated. The problems of a step are drawn from the same (stage, step) by draw_problems."""
     return seed * 1_000_003 + stage * 10_007 + step * 101 + rank * 1_000_000_007
 
 
@@ -1913,7 +1913,7 @@ def normalize_answer(ans: str) -> str:
     word after a complete number (`18 dollars`; never after anything else: `G \\text{ or } G+1` stays), and a
     double inequality for an interval (`-2 \\le x \\le 7` -> `[-2, 7]`). Each has a test case that math-verify
     alone gets wrong; the forms it reads itself (`1{,}000`, `\\textbf{(C)}`, `18 \\text{ dollars}`) are left."""
-    a = re.sub(r"(?<!\\)[.,;:]+(\s|\\[,!;: ])*$", "", ans.strip()).strip()   # 104.   104.\,   (not 5\,)
+    a = re.sub(r"(?<!\\)[.,;:]+(?:\s|\\[,!;: ])*$", "", ans.strip()).strip()   # 104.  104.\,  (not 5\,)
     a = re.sub(r"\\text\{([^{}]*?)[.,;:]+\s*\}$", r"\\text{\1}", a)   # \text{Evelyn.}
     a = a.replace("°", "^\\circ")
     a = re.sub(r"(?<=\d)(?:\\,|\\ )(?=\d{3}(?!\d))", "", a)          # 1\,000  1\ 000
@@ -2810,7 +2810,6 @@ def claimed_out_dir(cfg: Config):
     OS releases the lock when the process ends, however it ends (a killed run leaves nothing to clean up); the
     file names the holder for that message. An out dir this run created is removed again if the run stops with
     bad input before writing anything into it."""
-
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} is a file, not a directory")
